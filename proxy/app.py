@@ -1,0 +1,337 @@
+"""Command line and configuration, in the style of every Jupyter application.
+
+``jupyter-replay-proxy lab`` spawns JupyterLab behind the proxy; ``serve`` fronts a running
+jupyter-server; ``migrate`` brings a log database up to date. Each is configurable from
+``jupyter_replay_proxy_config.py``, flags, and (for the upstream token) ``JUPYTER_TOKEN``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import sys
+import uuid
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+from jupyter_core.application import JupyterApp
+from jupyter_core.paths import jupyter_runtime_dir
+from traitlets import Bool, Enum, Float, Integer, List, Unicode, default
+
+from . import __version__
+from .database import SchemaError, available_migrations, connect, migrate, open_database
+from .server import AccessLogger, ProxySettings, ReplayProxy
+from .taps.log import LogWriter
+from .upstream import Upstream, redact
+
+_common_aliases = {
+    "ip": "ProxyApp.ip",
+    "port": "ProxyApp.port",
+    "db": "ProxyApp.db",
+    "link": "ProxyApp.link",
+    "log-level": "Application.log_level",
+    "config": "JupyterApp.config_file",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proxy_state(conn, key: str, make: str) -> str:  # type: ignore[no-untyped-def]
+    """A durable fact of the proxy, created on first use (e.g. its websocket session_id)."""
+    row = conn.execute("SELECT value FROM proxy_state WHERE key = ?", (key,)).fetchone()
+    if row:
+        return row[0]
+    conn.execute("INSERT INTO proxy_state (key, value) VALUES (?, ?)", (key, make))
+    return make
+
+
+class ProxyApp(JupyterApp):
+    """What `serve` and `lab` share: where the proxy listens and how it keeps its log."""
+
+    version = __version__
+    aliases = _common_aliases
+
+    ip = Unicode("127.0.0.1", config=True, help="Interface the proxy listens on.")
+    port = Integer(8888, config=True, help="Port the proxy listens on.")
+    db = Unicode(
+        "",
+        config=True,
+        help="SQLite file of the message log "
+        "(default: <Jupyter data dir>/replay-proxy/log.sqlite).",
+    )
+    log_flush_interval = Float(
+        0.05,
+        config=True,
+        help="Seconds between commits of the message log: a relayed message is durable within "
+        "this plus one commit.",
+    )
+    max_frame_size = Integer(
+        64 * 1024 * 1024,
+        config=True,
+        help="Largest websocket frame (bytes) a client may send; larger ones close its socket.",
+    )
+    max_client_queue = Integer(
+        100_000,
+        config=True,
+        help="Messages queued for one client before it counts as stalled and is closed "
+        "(its messages stay in the log).",
+    )
+    link = Enum(
+        ["auto", "zmq", "websocket"],
+        "auto",
+        config=True,
+        help="How to reach kernels: 'zmq' straight to the kernel (lossless; needs its "
+        "connection file), 'websocket' through jupyter-server (its rate limit applies), "
+        "'auto' zmq where the connection file is readable.",
+    )
+    kernel_runtime_dir = Unicode(
+        "",
+        config=True,
+        help="Where jupyter-server writes kernel connection files (default: the Jupyter "
+        "runtime dir).",
+    )
+    kernel_poll_interval = Float(
+        1.0, config=True, help="Seconds between looks at jupyter-server's list of kernels."
+    )
+
+    @default("db")
+    def _default_db(self) -> str:
+        return str(Path(self.data_dir) / "replay-proxy" / "log.sqlite")
+
+    @default("kernel_runtime_dir")
+    def _default_kernel_runtime_dir(self) -> str:
+        return jupyter_runtime_dir()
+
+    def settings(self, session_id: str) -> ProxySettings:
+        return ProxySettings(
+            runtime_dir=Path(self.kernel_runtime_dir),
+            link=self.link,
+            max_frame_size=self.max_frame_size,
+            max_client_queue=self.max_client_queue,
+            kernel_poll_interval=self.kernel_poll_interval,
+            websocket_link_session_id=session_id,
+        )
+
+    async def run_proxy(self, upstream: Upstream, stop: asyncio.Event, lab_url: str = "") -> None:
+        """Serve until `stop` is set; the log is flushed before returning."""
+        try:
+            conn = open_database(self.db)
+        except SchemaError as error:
+            self.log.critical("%s", error)
+            sys.exit(2)
+        session_id = proxy_state(conn, "websocket_link_session_id", uuid.uuid4().hex)
+        conn.close()
+        writer = LogWriter(lambda: connect(self.db), flush_interval=self.log_flush_interval)
+        proxy = ReplayProxy(upstream, writer, self.settings(session_id))
+        runner = web.AppRunner(
+            proxy.make_app(),
+            access_log_class=AccessLogger,
+            access_log=self.log,
+            handle_signals=False,
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, self.ip, self.port)
+        await site.start()
+        self.log.info("Message log: %s", self.db)
+        self.log.info(
+            "Proxying %s at http://%s:%d%s", upstream, self.ip, self.port, upstream.base_url
+        )
+        if lab_url:
+            print(f"\n    JupyterLab, through jupyter-replay-proxy:\n    {lab_url}\n", flush=True)
+        try:
+            await stop.wait()
+        finally:
+            self.log.info("Shutting down the proxy")
+            await runner.cleanup()
+            writer.close()
+
+    def _stop_event(self) -> asyncio.Event:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        return stop
+
+
+class ServeApp(ProxyApp):
+    name = "jupyter-replay-proxy-serve"
+    description = "Put the proxy in front of a running jupyter-server."
+    aliases = {
+        **_common_aliases,
+        "upstream": "ServeApp.upstream",
+        "upstream-token": "ServeApp.upstream_token",
+    }
+
+    upstream = Unicode(
+        "http://127.0.0.1:8888/", config=True, help="URL (with base URL) of the jupyter-server."
+    )
+    upstream_token = Unicode(
+        "",
+        config=True,
+        help="The proxy's own token for jupyter-server (default: $JUPYTER_TOKEN, else the "
+        "token in the server's jpserver-*.json when it runs on this machine).",
+    )
+
+    @default("port")
+    def _default_port(self) -> int:
+        return 8889
+
+    def discover_token(self) -> str:
+        if self.upstream_token:
+            return self.upstream_token
+        if os.environ.get("JUPYTER_TOKEN"):
+            return os.environ["JUPYTER_TOKEN"]
+        wanted = Upstream(self.upstream, None)
+        for path in Path(self.kernel_runtime_dir).glob("jpserver-*.json"):
+            with contextlib.suppress(OSError, ValueError):
+                info = json.loads(path.read_text())
+                if Upstream(info["url"], None).origin.port == wanted.origin.port:
+                    return info.get("token", "")
+        self.log.warning("No token for %s: the proxy will follow kernels anonymously", wanted)
+        return ""
+
+    def start(self) -> None:
+        try:
+            upstream = Upstream(self.upstream, self.discover_token())
+        except ValueError as error:
+            self.log.critical("%s", error)
+            sys.exit(2)
+
+        async def main() -> None:
+            await self.run_proxy(upstream, self._stop_event())
+
+        asyncio.run(main())
+
+
+class LabApp(ProxyApp):
+    name = "jupyter-replay-proxy-lab"
+    description = "Start JupyterLab (with jupyter-collaboration) behind the proxy."
+    aliases = {**_common_aliases, "root-dir": "LabApp.root_dir"}
+
+    root_dir = Unicode("", config=True, help="Directory JupyterLab serves (default: here).")
+    lab_args = List(
+        Unicode(), config=True, help="Extra command-line arguments for the spawned jupyter lab."
+    )
+    open_browser = Bool(False, config=True, help="Open a browser on the proxied URL.")
+
+    async def _spawn_lab(self, port: int, token: str) -> asyncio.subprocess.Process:
+        args = [
+            sys.executable, "-m", "jupyterlab", "--no-browser",
+            "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
+            "--ZMQChannelsWebsocketConnection.limit_rate=False",
+            *([f"--ServerApp.root_dir={self.root_dir}"] if self.root_dir else []),
+            *(["--allow-root"] if os.geteuid() == 0 else []),  # the user chose to run as root
+            *self.lab_args,
+        ]  # fmt: skip
+        env = {**os.environ, "JUPYTER_TOKEN": token}  # not on the command line, where ps shows it
+        return await asyncio.create_subprocess_exec(
+            *args, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+    async def _echo(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stdout is not None
+        async for line in process.stdout:
+            sys.stderr.write("[lab] " + redact(line.decode(errors="replace")))
+
+    async def _wait_ready(self, process: asyncio.subprocess.Process, url: str, token: str) -> None:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(600):
+                if process.returncode is not None:
+                    raise RuntimeError(f"jupyter lab exited with {process.returncode}")
+                with contextlib.suppress(aiohttp.ClientError):
+                    headers = {"Authorization": f"token {token}"}
+                    async with http.get(url + "api/status", headers=headers) as resp:
+                        if resp.status == 200:
+                            return
+                await asyncio.sleep(0.1)
+        raise RuntimeError("jupyter lab did not start within 60 s")
+
+    async def _stop_lab(self, process: asyncio.subprocess.Process) -> None:
+        if process.returncode is not None:
+            return
+        process.terminate()  # jupyter-server shuts its kernels down on SIGTERM
+        try:
+            await asyncio.wait_for(process.wait(), 20)
+        except asyncio.TimeoutError:
+            self.log.warning("jupyter lab did not stop in 20 s; killing it")
+            process.kill()
+            await process.wait()
+
+    def start(self) -> None:
+        async def main() -> None:
+            stop = self._stop_event()
+            port, token = _free_port(), secrets.token_hex(24)
+            upstream_url = f"http://127.0.0.1:{port}/"
+            process = await self._spawn_lab(port, token)
+            echo = asyncio.ensure_future(self._echo(process))
+            try:
+                await self._wait_ready(process, upstream_url, token)
+                exited = asyncio.ensure_future(process.wait())
+                exited.add_done_callback(lambda _: stop.set())
+                lab_url = f"http://{self.ip}:{self.port}/lab?token={token}"
+                if self.open_browser:
+                    import webbrowser
+
+                    webbrowser.open(lab_url)
+                await self.run_proxy(Upstream(upstream_url, token), stop, lab_url)
+            finally:
+                await self._stop_lab(process)
+                echo.cancel()
+
+        try:
+            asyncio.run(main())
+        except RuntimeError as error:
+            self.log.critical("%s", error)
+            sys.exit(1)
+
+
+class MigrateApp(ProxyApp):
+    name = "jupyter-replay-proxy-migrate"
+    description = "Apply the log database's pending schema migrations."
+
+    def start(self) -> None:
+        try:
+            conn = connect(self.db)
+            applied = migrate(conn)
+        except SchemaError as error:
+            self.log.critical("%s", error)
+            sys.exit(2)
+        latest = max((m.version for m in available_migrations()), default=0)
+        if applied:
+            print(f"{self.db}: applied migrations {', '.join(map(str, applied))}")
+        else:
+            print(f"{self.db}: up to date at schema version {latest}")
+
+
+class ReplayProxyApp(JupyterApp):
+    name = "jupyter-replay-proxy"
+    version = __version__
+    description = (
+        "A reverse proxy for jupyter-server that logs every kernel message to SQLite and "
+        "replays what clients missed."
+    )
+    subcommands = {
+        "lab": (LabApp, LabApp.description),
+        "serve": (ServeApp, ServeApp.description),
+        "migrate": (MigrateApp, MigrateApp.description),
+    }
+
+    def start(self) -> None:
+        super().start()
+        self.print_help()
+        sys.exit(1)
+
+
+def main() -> None:
+    ReplayProxyApp.launch_instance()

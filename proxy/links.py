@@ -1,0 +1,319 @@
+"""The two kinds of kernel link behind :class:`proxy.relay.KernelLink`.
+
+- :class:`ZmqLink` talks to the kernel itself over zmq, signed with the key of its connection
+  file. Nothing stands between it and the kernel, so nothing is dropped: jupyter-server's
+  websocket rate limit never applies. While frontends are attached it also holds one channels
+  websocket to jupyter-server (the *presence*), so the server counts the kernel as connected
+  (its culler) and so the status messages only the server makes (restarting, dead) reach them.
+- :class:`WebsocketLink` is one channels websocket to jupyter-server, for kernels whose
+  connection file the proxy cannot read (remote, gateway). It keeps one session_id for good and
+  reconnects under it, so jupyter-server's own buffer covers a gap; the rate limit applies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import zmq
+import zmq.asyncio
+from jupyter_client.asynchronous.client import AsyncKernelClient
+from jupyter_client.session import Session
+
+from .codecs import (
+    KERNEL_CHANNELS,
+    V1_SUBPROTOCOL,
+    FrameError,
+    Message,
+    decode_v1,
+    message_from_parts,
+)
+from .upstream import Upstream
+
+log = logging.getLogger("jupyter_replay_proxy.links")
+
+_SERVER_STATES = (b'"restarting"', b'"autorestarting"', b'"dead"')
+_BACKOFF_MAX = 5.0
+
+
+def connection_file(runtime_dir: Path, kernel_id: str) -> Path:
+    """Where jupyter-server writes a local kernel's connection info."""
+    return runtime_dir / f"kernel-{kernel_id}.json"
+
+
+class _Presence:
+    """A channels websocket held open on jupyter-server while frontends are attached."""
+
+    def __init__(
+        self, upstream: Upstream, kernel_id: str, deliver: Callable[[Message], None]
+    ) -> None:
+        self.upstream = upstream
+        self.kernel_id = kernel_id
+        self.deliver = deliver
+        self.task: asyncio.Task[None] | None = None
+
+    def hold(self, wanted: bool) -> None:
+        if wanted and self.task is None:
+            self.task = asyncio.ensure_future(self._run())
+        elif not wanted and self.task is not None:
+            self.task.cancel()
+            self.task = None
+
+    async def _run(self) -> None:
+        delay = 0.25
+        while True:
+            try:
+                ws = await self.upstream.channels_websocket(
+                    self.kernel_id, f"replay-proxy-presence-{uuid.uuid4().hex}"
+                )
+            except aiohttp.WSServerHandshakeError as error:
+                if error.status == 404:
+                    return
+            except aiohttp.ClientError:
+                pass
+            else:
+                delay = 0.25
+                async with ws:
+                    async for frame in ws:
+                        if frame.type == aiohttp.WSMsgType.BINARY:
+                            self._pick_server_status(frame.data)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _BACKOFF_MAX)
+
+    def _pick_server_status(self, frame: bytes) -> None:
+        # Everything else on this socket also reaches the proxy over zmq: skip it cheaply.
+        if b'"status"' not in frame or not any(state in frame for state in _SERVER_STATES):
+            return
+        try:
+            message = decode_v1(frame, allowed_channels=KERNEL_CHANNELS, validate_body=False)
+        except FrameError:
+            return
+        if message.channel == "iopub" and message.msg_type == "status":
+            state = message.content().get("execution_state")
+            if state in ("restarting", "autorestarting", "dead"):
+                self.deliver(message)
+
+    async def close(self) -> None:
+        task, self.task = self.task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+class ZmqLink:
+    """Direct zmq connection to a local kernel: lossless."""
+
+    kind = "zmq"
+
+    def __init__(
+        self,
+        kernel_id: str,
+        info: dict[str, Any],
+        upstream: Upstream,
+        deliver: Callable[[Message], None],
+        gone: Callable[[str], None],
+        context: zmq.asyncio.Context,
+    ) -> None:
+        self.kernel_id = kernel_id
+        self.deliver = deliver
+        self.gone = gone
+        client = AsyncKernelClient(context=context)
+        client.load_connection_info(info)
+        self.session: Session = client.session
+        identity = self.session.bsession  # shell and stdin share it: input_request needs that
+        self.sockets: dict[str, zmq.asyncio.Socket] = {
+            "shell": client.connect_shell(identity=identity),
+            "control": client.connect_control(identity=identity),
+            "stdin": client.connect_stdin(identity=identity),
+            "iopub": client.connect_iopub(),
+        }
+        self._readers: list[asyncio.Task[None]] = []
+        self._iopub_flowing = asyncio.Event()
+        self._held: list[Message] = []  # client messages sent before iopub was flowing
+        self._nudges: set[str] = set()
+        self.presence = _Presence(upstream, kernel_id, deliver)
+
+    @classmethod
+    def from_file(cls, path: Path, *args: Any) -> ZmqLink:
+        return cls(args[0], json.loads(path.read_text()), *args[1:])
+
+    async def start(self) -> None:
+        for channel, socket in self.sockets.items():
+            self._readers.append(asyncio.ensure_future(self._read(channel, socket)))
+        await self._nudge()
+
+    async def _nudge(self, timeout: float = 30.0) -> None:
+        """Ask for kernel_info until iopub flows: a SUB socket misses what precedes its join."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self._iopub_flowing.is_set() and loop.time() < deadline:
+            request = self.session.msg("kernel_info_request")
+            self._nudges.add(request["header"]["msg_id"])
+            self.session.send(self.sockets["shell"], request)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._iopub_flowing.wait(), 0.5)
+        if not self._iopub_flowing.is_set():
+            log.warning("Kernel %s: no iopub message after %.0f s", self.kernel_id, timeout)
+            self._iopub_flowing.set()
+        held, self._held = self._held, []
+        for message in held:
+            self.send(message)
+
+    async def _read(self, channel: str, socket: zmq.asyncio.Socket) -> None:
+        session = self.session
+        while True:
+            try:
+                frames = await socket.recv_multipart()
+            except (zmq.ZMQError, asyncio.CancelledError):
+                return
+            try:
+                _, parts = session.feed_identities(frames)
+                signature, parts = parts[0], parts[1:]
+                if session.auth is not None and signature != session.sign(parts[:4]):
+                    raise FrameError("bad message signature")
+                message = message_from_parts(
+                    channel, parts, allowed_channels=KERNEL_CHANNELS, validate_body=False
+                )
+            except (ValueError, IndexError) as error:
+                log.warning(
+                    "Kernel %s sent an invalid %s message: %s", self.kernel_id, channel, error
+                )
+                continue
+            if channel == "iopub":
+                self._iopub_flowing.set()
+            elif message.parent_msg_id in self._nudges:
+                self._nudges.discard(message.parent_msg_id)
+                continue
+            self.deliver(message)
+
+    def send(self, message: Message) -> None:
+        if not self._iopub_flowing.is_set():
+            self._held.append(message)
+            return
+        self.session.send_raw(self.sockets[message.channel], message.parts)
+
+    def set_clients_attached(self, count: int) -> None:
+        self.presence.hold(count > 0)
+
+    async def close(self) -> None:
+        await self.presence.close()
+        for task in self._readers:
+            task.cancel()
+        for socket in self.sockets.values():
+            socket.close(linger=0)
+
+
+class WebsocketLink:
+    """One channels websocket to jupyter-server, reconnecting under the same session_id."""
+
+    kind = "websocket"
+
+    def __init__(
+        self,
+        kernel_id: str,
+        session_id: str,
+        upstream: Upstream,
+        deliver: Callable[[Message], None],
+        gone: Callable[[str], None],
+        max_held: int = 10_000,
+    ) -> None:
+        self.kernel_id = kernel_id
+        self.session_id = session_id
+        self.upstream = upstream
+        self.deliver = deliver
+        self.gone = gone
+        self.max_held = max_held
+        self._outgoing: collections.deque[Message] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._connected = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        log.warning(
+            "Kernel %s: no readable connection file, so relaying through jupyter-server's "
+            "websocket: its IOPub rate limit applies and it drops output over the limit",
+            self.kernel_id,
+        )
+        self._task = asyncio.ensure_future(self._run())
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._connected.wait(), 10)
+
+    async def _run(self) -> None:
+        delay = 0.25
+        while True:
+            try:
+                ws = await self.upstream.channels_websocket(self.kernel_id, self.session_id)
+            except aiohttp.WSServerHandshakeError as error:
+                if error.status in (403, 404):
+                    log.warning(
+                        "Kernel %s: jupyter-server answered %s", self.kernel_id, error.status
+                    )
+                    self.gone(self.kernel_id)
+                    return
+            except aiohttp.ClientError as error:
+                log.warning("Kernel %s: cannot reach jupyter-server: %s", self.kernel_id, error)
+            else:
+                delay = 0.25
+                async with ws:
+                    await self._serve(ws)
+                log.warning("Kernel %s: websocket link dropped; reconnecting", self.kernel_id)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _BACKOFF_MAX)
+
+    async def _serve(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        sender = asyncio.ensure_future(self._send_outgoing(ws))
+        self._connected.set()
+        try:
+            async for frame in ws:
+                if frame.type != aiohttp.WSMsgType.BINARY:
+                    continue
+                try:
+                    message = decode_v1(
+                        frame.data, allowed_channels=KERNEL_CHANNELS, validate_body=False
+                    )
+                except FrameError as error:
+                    log.warning(
+                        "Kernel %s: invalid frame from jupyter-server: %s", self.kernel_id, error
+                    )
+                    continue
+                self.deliver(message)
+        finally:
+            self._connected.clear()
+            sender.cancel()
+
+    async def _send_outgoing(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """Send client messages in order; what is unsent when the link drops waits for the next."""
+        outgoing = self._outgoing
+        while True:
+            while outgoing:
+                await ws.send_bytes(outgoing[0].encoded(V1_SUBPROTOCOL))
+                outgoing.popleft()
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+    def send(self, message: Message) -> None:
+        if len(self._outgoing) >= self.max_held:
+            log.error(
+                "Kernel %s: link down too long, dropping a %s", self.kernel_id, message.msg_type
+            )
+            return
+        self._outgoing.append(message)
+        self._wakeup.set()
+
+    def set_clients_attached(self, count: int) -> None:
+        """This link is itself a connection jupyter-server counts: nothing to do."""
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

@@ -1,0 +1,338 @@
+"""The proxy's HTTP face: kernel channels it understands, everything else forwarded untouched.
+
+Request and response bodies stream through in chunks (a 1 GB upload or download is never held
+in memory); websockets it does not understand (Y rooms, terminals, events) are piped frame by
+frame with their subprotocol and close code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import zmq.asyncio
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from . import __version__
+from .codecs import LEGACY, V1_SUBPROTOCOL, FrameError, decode_client_frame
+from .links import WebsocketLink, ZmqLink, connection_file
+from .relay import Client, ClientOverflow, KernelRelay, Relay, Tap, in_background
+from .taps.log import LogWriter
+from .upstream import HOP_BY_HOP, Upstream, forwarded_headers, redact
+
+log = logging.getLogger("jupyter_replay_proxy")
+
+#: Path of the proxy's own endpoints, below the base URL.
+OWN_PREFIX = "replay-proxy/"
+
+CLOSE_MALFORMED = 1007  # RFC 6455: data inconsistent with the message type
+CLOSE_TOO_BIG = 1009
+CLOSE_TRY_AGAIN = 1013
+CLOSE_KERNEL_GONE = 1001
+
+
+@dataclass
+class ProxySettings:
+    """What the proxy application needs to run; filled from traitlets config by proxy.app."""
+
+    runtime_dir: Path
+    link: str = "auto"  # "auto", "zmq" or "websocket"
+    max_frame_size: int = 64 * 1024 * 1024
+    max_client_queue: int = 100_000
+    kernel_poll_interval: float = 1.0
+    websocket_link_session_id: str = ""
+
+
+class AccessLogger(AbstractAccessLogger):
+    """Jupyter-style access lines, with tokens hidden."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        level = logging.DEBUG if response.status < 400 else logging.WARNING
+        self.logger.log(
+            level, "%d %s %s (%s) %.2fms", response.status, request.method,
+            redact(request.path_qs), request.remote, time * 1000,
+        )  # fmt: skip
+
+
+class ReplayProxy:
+    """Wires upstream, relay, links and taps into one aiohttp application."""
+
+    def __init__(self, upstream: Upstream, writer: LogWriter, settings: ProxySettings) -> None:
+        self.upstream = upstream
+        self.writer = writer
+        self.settings = settings
+        self.taps: list[Tap] = [writer]
+        self.relay = Relay(self._make_link, self.taps, writer.next_seq)
+        self.relay.on_kernel_gone.append(self._close_clients)
+        self.zmq_context = zmq.asyncio.Context()
+        self._sockets: dict[Client, web.WebSocketResponse] = {}
+        self._poller: asyncio.Task[None] | None = None
+        self.upstream_error: str | None = None
+
+    # --- application -----------------------------------------------------------------------
+
+    def make_app(self) -> web.Application:
+        app = web.Application(client_max_size=self.settings.max_frame_size)
+        base = self.upstream.base_url
+        app.router.add_get(base + "api/kernels/{kernel_id}/channels", self.channels)
+        app.router.add_get(base + OWN_PREFIX + "api/status", self.status)
+        app.router.add_route("*", "/{tail:.*}", self.forward)
+        app.on_startup.append(self._startup)
+        app.on_shutdown.append(self._shutdown)
+        app.on_cleanup.append(self._cleanup)
+        return app
+
+    async def _startup(self, app: web.Application) -> None:
+        await self.upstream.start()
+        self._poller = asyncio.ensure_future(self._follow_kernels())
+
+    async def _shutdown(self, app: web.Application) -> None:
+        for ws in list(self._sockets.values()):
+            await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"proxy shutting down")
+
+    async def _cleanup(self, app: web.Application) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+        await self.relay.close()
+        await self.upstream.close()
+        self.zmq_context.term()
+        await asyncio.get_running_loop().run_in_executor(None, self.writer.flush)
+
+    async def refresh_kernels(self) -> None:
+        """Follow the kernels jupyter-server has now."""
+        try:
+            running = await self.upstream.running_kernels()
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as error:
+            message = f"cannot list kernels at {self.upstream}: {error}"
+            if message != self.upstream_error:
+                log.warning("%s", redact(message))
+            self.upstream_error = message
+            return
+        self.upstream_error = None
+        await self.relay.sync(running)
+
+    async def _follow_kernels(self) -> None:
+        while True:
+            await self.refresh_kernels()
+            await asyncio.sleep(self.settings.kernel_poll_interval)
+
+    def _make_link(self, kernel_id: str, deliver: Any, gone: Any) -> Any:
+        path = connection_file(self.settings.runtime_dir, kernel_id)
+        if self.settings.link != "websocket":
+            try:
+                return ZmqLink.from_file(
+                    path, kernel_id, self.upstream, deliver, gone, self.zmq_context
+                )
+            except (OSError, ValueError, KeyError) as error:
+                if self.settings.link == "zmq":
+                    raise
+                log.debug("Kernel %s: no zmq link (%s)", kernel_id, error)
+        return WebsocketLink(
+            kernel_id, self.settings.websocket_link_session_id, self.upstream, deliver, gone
+        )
+
+    async def _close_clients(self, relay: KernelRelay) -> None:
+        for client in list(relay.clients.values()):
+            ws = self._sockets.get(client)
+            if ws is not None:
+                await ws.close(code=CLOSE_KERNEL_GONE, message=b"kernel shut down")
+
+    # --- kernel channels -------------------------------------------------------------------
+
+    async def channels(self, request: web.Request) -> web.StreamResponse:
+        kernel_id = request.match_info["kernel_id"]
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            return await self.forward(request)
+        admitted, (_, identity) = await asyncio.gather(
+            self.upstream.admit(request, kernel_id), self.upstream.identity(request)
+        )
+        if admitted != 101:
+            return web.Response(status=admitted, text=f"jupyter-server refused: {admitted}")
+        try:
+            relay = await self.relay.kernel(kernel_id)
+        except Exception as error:
+            log.error("Kernel %s: cannot link to it: %s", kernel_id, error)
+            return web.Response(status=502, text=f"cannot link to kernel {kernel_id}")
+
+        ws = web.WebSocketResponse(
+            protocols=(V1_SUBPROTOCOL,), max_msg_size=self.settings.max_frame_size, heartbeat=30
+        )
+        await ws.prepare(request)
+        client = Client(
+            client_id=uuid.uuid4().hex,
+            kernel_id=kernel_id,
+            session_id=request.query.get("session_id"),
+            protocol=ws.ws_protocol or LEGACY,
+            username=(identity or {}).get("username"),
+            identity_json=json.dumps(identity) if identity is not None else None,
+            remote=request.remote,
+            max_queued=self.settings.max_client_queue,
+        )
+        self._sockets[client] = ws
+        relay.attach(client)
+        log.info(
+            "Client %s (%s) joined kernel %s [%s]",
+            client.client_id[:8], client.username, kernel_id, client.protocol,
+        )  # fmt: skip
+        pump = asyncio.ensure_future(self._pump(client, ws))
+        try:
+            await self._receive(client, relay, ws)
+        finally:
+            relay.detach(client)
+            del self._sockets[client]
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+            log.info("Client %s left kernel %s", client.client_id[:8], kernel_id)
+        return ws
+
+    async def _receive(self, client: Client, relay: KernelRelay, ws: web.WebSocketResponse) -> None:
+        async for frame in ws:
+            if frame.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+                try:
+                    message = decode_client_frame(
+                        client.protocol, frame.data, max_size=self.settings.max_frame_size
+                    )
+                except FrameError as error:
+                    reason = str(error)
+                    log.warning("Client %s sent a bad frame: %s", client.client_id[:8], reason)
+                    code = CLOSE_TOO_BIG if "exceeds the limit" in reason else CLOSE_MALFORMED
+                    await ws.close(code=code, message=reason.encode()[:120])
+                    return
+                relay.from_client(client, message)
+            elif frame.type == aiohttp.WSMsgType.ERROR:
+                log.warning("Client %s: %s", client.client_id[:8], ws.exception())
+
+    async def _pump(self, client: Client, ws: web.WebSocketResponse) -> None:
+        async def send(frame: bytes | str) -> None:
+            if isinstance(frame, str):
+                await ws.send_str(frame)
+            else:
+                await ws.send_bytes(frame)
+
+        try:
+            await client.pump(send)
+        except ClientOverflow as error:
+            log.warning("Client %s: %s; closing it", client.client_id[:8], error)
+            await ws.close(code=CLOSE_TRY_AGAIN, message=b"client too slow: reconnect to resume")
+        except (ConnectionError, RuntimeError):
+            pass  # the websocket closed under us; _receive ends too
+
+    # --- the proxy's own endpoints ---------------------------------------------------------
+
+    async def status(self, request: web.Request) -> web.Response:
+        code, _ = await self.upstream.identity(request)
+        if code != 200:
+            return web.json_response({"message": "Forbidden"}, status=code)
+        kernels = [
+            {"id": kid, "link": relay.link.kind, "clients": len(relay.clients)}
+            for kid, relay in self.relay.kernels.items()
+        ]
+        return web.json_response(
+            {
+                "version": __version__,
+                "upstream": {"url": str(self.upstream), "error": self.upstream_error},
+                "kernels": kernels,
+                "log": asdict(self.writer.health()),
+            }
+        )
+
+    # --- everything else -------------------------------------------------------------------
+
+    async def forward(self, request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return await self._forward_websocket(request)
+        response = await self._forward_http(request)
+        if request.method == "POST" and request.path.startswith(
+            (self.upstream.base_url + "api/kernels", self.upstream.base_url + "api/sessions")
+        ):
+            in_background(self.refresh_kernels())  # link to a new kernel at once
+        return response
+
+    async def _forward_http(self, request: web.Request) -> web.StreamResponse:
+        url = self.upstream.url(request.path_qs)
+        body = request.content if request.body_exists else None
+        try:
+            upstream = await self.upstream.http.request(
+                request.method, url, headers=forwarded_headers(request.headers), data=body,
+                allow_redirects=False,
+            )  # fmt: skip
+        except aiohttp.ClientError as error:
+            log.warning(
+                "Upstream request failed: %s %s: %s", request.method, redact(request.path), error
+            )
+            return web.Response(status=502, text="jupyter-server is not reachable")
+        async with upstream:
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            for name, value in upstream.headers.items():
+                if name.lower() not in HOP_BY_HOP:
+                    response.headers.add(name, value)
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_chunked(256 * 1024):
+                await response.write(chunk)
+            await response.write_eof()
+        return response
+
+    async def _forward_websocket(self, request: web.Request) -> web.StreamResponse:
+        protocols = [
+            p.strip()
+            for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
+            if p.strip()
+        ]
+        try:
+            upstream = await self.upstream.http.ws_connect(
+                self.upstream.url(request.path_qs), headers=forwarded_headers(request.headers),
+                protocols=protocols, max_msg_size=0, autoping=False, autoclose=False,
+            )  # fmt: skip
+        except aiohttp.WSServerHandshakeError as error:
+            return web.Response(status=error.status, text=error.message)
+        except aiohttp.ClientError as error:
+            log.warning("Upstream websocket failed: %s: %s", redact(request.path), error)
+            return web.Response(status=502, text="jupyter-server is not reachable")
+        downstream = web.WebSocketResponse(
+            protocols=(upstream.protocol,) if upstream.protocol else (),
+            max_msg_size=0, autoping=False, autoclose=False,
+        )  # fmt: skip
+        await downstream.prepare(request)
+
+        async def pipe(
+            source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+            target: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+        ) -> None:
+            async for frame in source:
+                if frame.type == aiohttp.WSMsgType.TEXT:
+                    await target.send_str(frame.data)
+                elif frame.type == aiohttp.WSMsgType.BINARY:
+                    await target.send_bytes(frame.data)
+                elif frame.type == aiohttp.WSMsgType.PING:
+                    await target.ping(frame.data)
+                elif frame.type == aiohttp.WSMsgType.PONG:
+                    await target.pong(frame.data)
+                elif frame.type == aiohttp.WSMsgType.CLOSE:
+                    await target.close(
+                        code=frame.data or 1000, message=(frame.extra or "").encode()
+                    )
+                    break
+            if not target.closed:
+                await target.close(code=source.close_code or 1000)
+
+        tasks = [
+            asyncio.ensure_future(pipe(downstream, upstream)),
+            asyncio.ensure_future(pipe(upstream, downstream)),
+        ]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await upstream.close()
+            await downstream.close()
+        return downstream

@@ -1,0 +1,236 @@
+"""The log tap: every relayed message into SQLite, without the relay ever waiting on disk.
+
+The relay appends rows to an in-memory queue (a deque append: no lock taken, no I/O); a writer
+thread commits them in batches every ``flush_interval`` seconds, so a relayed message is durable
+within that interval plus one commit. When the database fails (disk full, locked, corrupt) the
+writer keeps the rows, reports the error, and retries; committed rows are never touched again.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from ..codecs import Message
+from ..relay import Client
+
+log = logging.getLogger("jupyter_replay_proxy.log")
+
+_INSERT_MESSAGE = """
+INSERT INTO messages (
+    seq, kernel_id, channel, direction, msg_id, parent_msg_id, msg_type, session, username,
+    client_id, msg_date, received_at, header, parent_header, metadata, content, buffer_count
+) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+_INSERT_BUFFER = "INSERT INTO message_buffers (seq, idx, data) VALUES (?, ?, ?)"
+_INSERT_CLIENT = """
+INSERT INTO clients (
+    client_id, kernel_id, session_id, username, identity, protocol, remote, connected_at
+) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+"""
+_CLIENT_LEFT = "UPDATE clients SET disconnected_at = ? WHERE client_id = ?"
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat()
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")
+
+
+@dataclass
+class LogHealth:
+    """What the status endpoint shows about the log."""
+
+    ok: bool
+    error: str | None
+    written: int
+    pending: int
+    dropped: int
+
+
+class LogWriter:
+    """Batches log rows to SQLite on a thread of its own. Also a relay tap."""
+
+    def __init__(
+        self,
+        connect: Callable[[], sqlite3.Connection],
+        *,
+        flush_interval: float = 0.05,
+        max_pending: int = 2_000_000,
+        retry_interval: float = 1.0,
+    ) -> None:
+        self._connect = connect
+        self._conn: sqlite3.Connection | None = None
+        self.flush_interval = flush_interval
+        self.max_pending = max_pending
+        self.retry_interval = retry_interval
+        self._pending: collections.deque[tuple[str, Any]] = collections.deque()
+        self._unwritten: list[tuple[str, Any]] = []  # writer thread's batch, kept on failure
+        self._enqueued = 0  # rows ever enqueued; compared with _committed by flush()
+        self._committed = 0
+        self._committed_changed = threading.Condition()
+        self._stop = threading.Event()
+        self.error: str | None = None
+        self.written = 0
+        self.dropped = 0
+        self._next_seq = 1
+        self._open()
+        self._thread = threading.Thread(target=self._run, name="replay-proxy-log", daemon=True)
+        self._thread.start()
+
+    # --- relay side (event loop thread) ----------------------------------------------------
+
+    def next_seq(self) -> int:
+        """Allocate the sequence number of the next relayed message."""
+        seq = self._next_seq
+        self._next_seq = seq + 1
+        return seq
+
+    def message_relayed(
+        self,
+        seq: int,
+        kernel_id: str,
+        direction: str,
+        message: Message,
+        client: Client | None,
+        received_at: float,
+    ) -> None:
+        self._enqueue("m", (seq, kernel_id, direction, message, client, received_at))
+
+    def client_joined(self, client: Client) -> None:
+        self._enqueue("c", client)
+
+    def client_left(self, client: Client) -> None:
+        self._enqueue("l", (client.client_id, time.time()))
+
+    def _enqueue(self, kind: str, item: Any) -> None:
+        if len(self._pending) + len(self._unwritten) >= self.max_pending:
+            self.dropped += 1  # only while the database has been failing for a long time
+            return
+        self._pending.append((kind, item))
+        self._enqueued += 1
+
+    def health(self) -> LogHealth:
+        return LogHealth(
+            ok=self.error is None,
+            error=self.error,
+            written=self.written,
+            pending=len(self._pending) + len(self._unwritten),
+            dropped=self.dropped,
+        )
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Block until everything enqueued so far is committed (shutdown and tests)."""
+        target = self._enqueued
+        deadline = time.monotonic() + timeout
+        with self._committed_changed:
+            while self._committed < target:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._committed_changed.wait(left)
+        return True
+
+    def close(self, timeout: float = 10.0) -> None:
+        self.flush(timeout)
+        self._stop.set()
+        self._thread.join(timeout)
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # --- writer thread ---------------------------------------------------------------------
+
+    def _open(self) -> None:
+        try:
+            self._conn = self._connect()
+            row = self._conn.execute("SELECT coalesce(max(seq), 0) FROM messages").fetchone()
+            self._next_seq = max(self._next_seq, row[0] + 1)
+        except Exception as error:  # corrupt, unreadable, schema newer than us...
+            self._conn = None
+            self._fail(error)
+
+    def _fail(self, error: BaseException) -> None:
+        message = f"{type(error).__name__}: {error}"
+        if message != self.error:
+            log.error("Cannot write the message log: %s; messages are kept and retried", message)
+        self.error = message
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._stop.wait(self.flush_interval)
+            while self._pending or self._unwritten:
+                if self._conn is None:
+                    self._open()
+                if self._conn is None or not self._write_batch():
+                    self._stop.wait(self.retry_interval)
+                    break
+
+    def _write_batch(self) -> bool:
+        assert self._conn is not None
+        pending = self._pending
+        self._unwritten.extend(pending.popleft() for _ in range(len(pending)))
+        batch = self._unwritten
+        messages, buffers, clients, left = [], [], [], []
+        for kind, item in batch:
+            if kind == "m":
+                seq, kernel_id, direction, message, client, received_at = item
+                header, parent = message.header, message.parent_header
+                parts = message.parts
+                messages.append(
+                    (
+                        seq, kernel_id, message.channel, direction, header.get("msg_id"),
+                        parent.get("msg_id"), header.get("msg_type"), header.get("session"),
+                        header.get("username"), client.client_id if client else None,
+                        str(header.get("date") or "") or None, _iso(received_at),
+                        _text(parts[0]), _text(parts[1]), _text(parts[2]), _text(parts[3]),
+                        len(parts) - 4,
+                    )
+                )  # fmt: skip
+                buffers.extend((seq, i, bytes(b)) for i, b in enumerate(parts[4:]))
+            elif kind == "c":
+                clients.append(
+                    (
+                        item.client_id, item.kernel_id, item.session_id, item.username,
+                        item.identity_json, item.protocol, item.remote, _iso(item.connected_at),
+                    )
+                )  # fmt: skip
+            else:
+                client_id, at = item
+                left.append((_iso(at), client_id))
+        try:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(_INSERT_CLIENT, clients)
+                conn.executemany(_INSERT_MESSAGE, messages)
+                conn.executemany(_INSERT_BUFFER, buffers)
+                conn.executemany(_CLIENT_LEFT, left)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as error:
+            self._fail(error)
+            if isinstance(error, sqlite3.DatabaseError) and "malformed" in str(error):
+                self._conn.close()
+                self._conn = None
+            return False
+        self._unwritten = []
+        self.written += len(messages)
+        if self.error is not None:
+            log.info("The message log is writable again; %d rows caught up", len(batch))
+            self.error = None
+        with self._committed_changed:
+            self._committed += len(batch)
+            self._committed_changed.notify_all()
+        return True

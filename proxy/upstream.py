@@ -1,0 +1,130 @@
+"""The jupyter-server behind the proxy: how to reach it, as the proxy and as a client.
+
+The proxy's own token is only ever used for the proxy's own work (following kernels, holding
+presence). Whether a client may do something is asked of jupyter-server with that client's own
+credentials, exactly as the client sent them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+log = logging.getLogger("jupyter_replay_proxy.upstream")
+
+#: Headers that describe one hop, not the request (RFC 9110 §7.6.1), and websocket handshake
+#: headers that aiohttp makes anew for the upstream side.
+HOP_BY_HOP = frozenset(
+    {
+        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+        "trailer", "transfer-encoding", "upgrade", "sec-websocket-key",
+        "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol",
+        "sec-websocket-accept",
+    }
+)  # fmt: skip
+
+_TOKEN = re.compile(r"(token=|[Aa]uthorization: *token +)[^&\s'\"]+")
+
+
+def redact(text: str) -> str:
+    """Hide tokens in anything that may end up in a log."""
+    return _TOKEN.sub(r"\1[secret]", text)
+
+
+def forwarded_headers(headers: CIMultiDict[str] | Any) -> CIMultiDict[str]:
+    """The request's end-to-end headers, Host and credentials included, as they were sent."""
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP)
+
+
+class Upstream:
+    """One jupyter-server: its origin, base URL, and the proxy's token for it."""
+
+    def __init__(self, url: str, token: str | None) -> None:
+        parsed = URL(url)
+        if parsed.scheme not in ("http", "https") or not parsed.host:
+            raise ValueError(f"upstream must be an http(s) URL, got {url!r}")
+        self.origin = parsed.origin()
+        path = parsed.path if parsed.path.endswith("/") else parsed.path + "/"
+        self.base_url = path
+        self.token = token
+        self.session: aiohttp.ClientSession | None = None
+
+    def __str__(self) -> str:
+        return str(self.origin.with_path(self.base_url))
+
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession(
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),  # never keep one client's cookies for another
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        assert self.session is not None, "Upstream.start() first"
+        return self.session
+
+    def url(self, path_qs: str) -> URL:
+        """An absolute upstream URL for a path (with query) as the client asked for it."""
+        return self.origin.join(URL(path_qs, encoded=True))
+
+    def api(self, path: str) -> URL:
+        return self.origin.with_path(self.base_url + path)
+
+    def own_headers(self) -> dict[str, str]:
+        return {"Authorization": f"token {self.token}"} if self.token else {}
+
+    async def running_kernels(self) -> list[str]:
+        async with self.http.get(self.api("api/kernels"), headers=self.own_headers()) as resp:
+            resp.raise_for_status()
+            return [kernel["id"] for kernel in await resp.json()]
+
+    async def channels_websocket(
+        self, kernel_id: str, session_id: str
+    ) -> aiohttp.ClientWebSocketResponse:
+        """A channels websocket of the proxy's own, in the v1 protocol."""
+        url = self.api(f"api/kernels/{kernel_id}/channels").with_query(session_id=session_id)
+        return await self.http.ws_connect(
+            url, headers=self.own_headers(), protocols=("v1.kernel.websocket.jupyter.org",),
+            max_msg_size=0, autoping=True, heartbeat=30,
+        )  # fmt: skip
+
+    async def admit(self, request: web.Request, kernel_id: str) -> int:
+        """What jupyter-server answers this client's own channels handshake for the kernel.
+
+        101 means admitted. The probe uses a session_id of its own so that it never takes
+        jupyter-server's buffer of the client's session, and closes at once.
+        """
+        query = dict(request.query)
+        query["session_id"] = "replay-proxy-admission"
+        url = self.api(f"api/kernels/{kernel_id}/channels").with_query(query)
+        try:
+            ws = await self.http.ws_connect(url, headers=forwarded_headers(request.headers))
+        except aiohttp.WSServerHandshakeError as error:
+            return error.status
+        await ws.close()
+        return 101
+
+    async def identity(self, request: web.Request) -> tuple[int, dict[str, Any] | None]:
+        """jupyter-server's /api/me for the caller, asked with the caller's credentials."""
+        query = {k: v for k, v in request.query.items() if k == "token"}
+        headers = forwarded_headers(request.headers)
+        async with self.http.get(self.api("api/me").with_query(query), headers=headers) as resp:
+            if resp.status != 200:
+                return resp.status, None
+            body = await resp.read()
+        try:
+            return 200, json.loads(body).get("identity") or {}
+        except ValueError:
+            return 502, None

@@ -1,0 +1,306 @@
+"""Fixtures: a real jupyter-server (with jupyter-collaboration) and ipykernel on loopback ports,
+and the proxy in front of it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from jupyter_client.session import Session
+
+from proxy.codecs import (
+    KERNEL_CHANNELS,
+    V1_SUBPROTOCOL,
+    Message,
+    decode_legacy_binary,
+    decode_legacy_text,
+    decode_v1,
+    encode_legacy,
+    encode_v1,
+    message_from_parts,
+)
+from proxy.database import connect, open_database
+from proxy.server import ProxySettings, ReplayProxy
+from proxy.taps.log import LogWriter
+from proxy.upstream import Upstream
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class JupyterServer:
+    url: str
+    token: str
+    root_dir: Path
+    runtime_dir: Path
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"token {self.token}"}
+
+
+def start_jupyter_server(tmp: Path, *extra_args: str) -> JupyterServer:
+    """A stock jupyter-server with jupyter-collaboration (and JupyterLab) on a loopback port."""
+    root, runtime = tmp / "root", tmp / "runtime"
+    root.mkdir(parents=True, exist_ok=True)
+    runtime.mkdir(parents=True, exist_ok=True)
+    port, token = free_port(), secrets.token_hex(16)
+    env = {
+        **os.environ,
+        "JUPYTER_TOKEN": token,
+        "JUPYTER_RUNTIME_DIR": str(runtime),
+        "JUPYTER_CONFIG_DIR": str(tmp / "config"),
+        "JUPYTER_DATA_DIR": str(tmp / "data"),
+    }
+    log_path = tmp / "jupyter-server.log"
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "jupyter_server", "--no-browser", "--ServerApp.ip=127.0.0.1",
+            f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
+            f"--ServerApp.root_dir={root}", *(["--allow-root"] if os.geteuid() == 0 else []),
+            *extra_args,
+        ],
+        env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"jupyter-server exited: {log_path.read_text()[-3000:]}")
+        try:
+            request = urllib.request.Request(
+                url + "api/status", headers={"Authorization": f"token {token}"}
+            )
+            with urllib.request.urlopen(request, timeout=2) as resp:
+                if resp.status == 200:
+                    return JupyterServer(url, token, root, runtime, process, log_path)
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("jupyter-server did not start in 60 s")
+
+
+def stop_jupyter_server(server: JupyterServer) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(20)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+
+
+@pytest.fixture(scope="session")
+def jupyter_server() -> Iterator[JupyterServer]:
+    tmp = Path(tempfile.mkdtemp(prefix="replay-proxy-test-"))
+    server = start_jupyter_server(tmp)
+    yield server
+    stop_jupyter_server(server)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def start_kernel(server: JupyterServer) -> str:
+    async with (
+        aiohttp.ClientSession(headers=server.headers()) as http,
+        http.post(server.url + "api/kernels", json={"name": "python3"}) as resp,
+    ):
+        assert resp.status == 201, await resp.text()
+        return (await resp.json())["id"]
+
+
+async def shutdown_kernel(server: JupyterServer, kernel_id: str) -> None:
+    async with (
+        aiohttp.ClientSession(headers=server.headers()) as http,
+        http.delete(server.url + f"api/kernels/{kernel_id}"),
+    ):
+        pass
+
+
+@pytest.fixture
+async def kernel_id(jupyter_server: JupyterServer) -> AsyncIterator[str]:
+    kid = await start_kernel(jupyter_server)
+    yield kid
+    await shutdown_kernel(jupyter_server, kid)
+
+
+@dataclass
+class RunningProxy:
+    url: str
+    proxy: ReplayProxy
+    writer: LogWriter
+    db_path: Path
+    server: Any = None
+
+    def db(self) -> Any:
+        self.writer.flush()
+        conn = connect(self.db_path)
+        conn.row_factory = __import__("sqlite3").Row
+        return conn
+
+
+async def make_proxy(
+    aiohttp_server: Any,
+    upstream_url: str,
+    token: str,
+    runtime_dir: Path,
+    db_path: Path,
+    **settings: Any,
+) -> RunningProxy:
+    open_database(db_path).close()
+    writer = LogWriter(lambda: connect(db_path), flush_interval=0.02)
+    proxy = ReplayProxy(
+        Upstream(upstream_url, token),
+        writer,
+        ProxySettings(runtime_dir=runtime_dir, websocket_link_session_id="test-link", **settings),
+    )
+    test_server = await aiohttp_server(proxy.make_app())
+    return RunningProxy(
+        f"http://127.0.0.1:{test_server.port}/", proxy, writer, db_path, test_server
+    )
+
+
+@pytest.fixture(params=["zmq", "websocket"])
+async def proxy(
+    request: pytest.FixtureRequest, aiohttp_server: Any, jupyter_server: JupyterServer,
+    tmp_path: Path,
+) -> AsyncIterator[RunningProxy]:  # fmt: skip
+    """The proxy in front of the session's jupyter-server, once per kind of kernel link."""
+    running = await make_proxy(
+        aiohttp_server, jupyter_server.url, jupyter_server.token, jupyter_server.runtime_dir,
+        tmp_path / "log.sqlite", link=request.param,
+    )  # fmt: skip
+    yield running
+    running.writer.close()
+
+
+@pytest.fixture
+async def zmq_proxy(
+    aiohttp_server: Any, jupyter_server: JupyterServer, tmp_path: Path
+) -> AsyncIterator[RunningProxy]:
+    running = await make_proxy(
+        aiohttp_server, jupyter_server.url, jupyter_server.token, jupyter_server.runtime_dir,
+        tmp_path / "log.sqlite", link="zmq",
+    )  # fmt: skip
+    yield running
+    running.writer.close()
+
+
+@dataclass
+class KernelChannels:
+    """A frontend on a kernel's channels websocket, in either protocol."""
+
+    ws: aiohttp.ClientWebSocketResponse
+    http: aiohttp.ClientSession
+    session: Session = field(default_factory=lambda: Session(key=b""))
+    received: list[Message] = field(default_factory=list)
+
+    @property
+    def protocol(self) -> str:
+        return self.ws.protocol or "legacy"
+
+    async def send(
+        self, channel: str, msg_type: str, content: dict[str, Any], metadata: dict | None = None
+    ) -> str:
+        msg = self.session.msg(msg_type, content, metadata=metadata or {})
+        parts = [
+            self.session.pack(msg[k]) for k in ("header", "parent_header", "metadata", "content")
+        ]
+        message = message_from_parts(
+            channel, parts, allowed_channels=KERNEL_CHANNELS, validate_body=True
+        )
+        frame = encode_v1(message) if self.protocol == V1_SUBPROTOCOL else encode_legacy(message)
+        if isinstance(frame, str):
+            await self.ws.send_str(frame)
+        else:
+            await self.ws.send_bytes(frame)
+        return msg["header"]["msg_id"]
+
+    async def recv(self, timeout: float = 30) -> Message:
+        frame = await self.ws.receive(timeout=timeout)
+        if frame.type == aiohttp.WSMsgType.BINARY:
+            if self.protocol == V1_SUBPROTOCOL:
+                message = decode_v1(frame.data, allowed_channels=KERNEL_CHANNELS)
+            else:
+                message = decode_legacy_binary(frame.data, allowed_channels=KERNEL_CHANNELS)
+        elif frame.type == aiohttp.WSMsgType.TEXT:
+            message = decode_legacy_text(frame.data, allowed_channels=KERNEL_CHANNELS)
+        else:
+            raise ConnectionError(f"websocket {frame.type.name}: {frame.data} {frame.extra}")
+        self.received.append(message)
+        return message
+
+    async def execute(
+        self, code: str, timeout: float = 60, **content: Any
+    ) -> tuple[str, Message, list[Message]]:
+        """Run code; return its msg_id, execute_reply, and its iopub up to the idle status."""
+        msg_id = await self.send(
+            "shell", "execute_request",
+            {"code": code, "silent": False, "store_history": True, "user_expressions": {},
+             "allow_stdin": False, "stop_on_error": True, **content},
+        )  # fmt: skip
+        return msg_id, *(await self.collect(msg_id, timeout))
+
+    async def collect(self, msg_id: str, timeout: float = 60) -> tuple[Message, list[Message]]:
+        reply: Message | None = None
+        iopub: list[Message] = []
+        idle = False
+        deadline = asyncio.get_running_loop().time() + timeout
+        while reply is None or not idle:
+            message = await self.recv(deadline - asyncio.get_running_loop().time())
+            if message.parent_msg_id != msg_id:
+                continue
+            if message.channel == "iopub":
+                iopub.append(message)
+                if message.msg_type == "status" and message.content()["execution_state"] == "idle":
+                    idle = True
+            elif message.msg_type == "execute_reply":
+                reply = message
+        return reply, iopub
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await self.http.close()
+
+
+async def open_channels(
+    base_url: str,
+    kernel_id: str,
+    token: str | None,
+    *,
+    protocol: str | None = V1_SUBPROTOCOL,
+    session_id: str | None = None,
+) -> KernelChannels:
+    http = aiohttp.ClientSession()
+    query = {"session_id": session_id or secrets.token_hex(8)}
+    if token is not None:
+        query["token"] = token
+    try:
+        ws = await http.ws_connect(
+            f"{base_url}api/kernels/{kernel_id}/channels",
+            params=query, protocols=(protocol,) if protocol else (), max_msg_size=0,
+        )  # fmt: skip
+    except BaseException:
+        await http.close()
+        raise
+    return KernelChannels(ws, http)
+
+
+def stream_text(iopub: list[Message]) -> str:
+    return "".join(m.content()["text"] for m in iopub if m.msg_type == "stream")
