@@ -14,6 +14,7 @@ import os
 import secrets
 import signal
 import socket
+import sqlite3
 import sys
 import uuid
 from pathlib import Path
@@ -25,7 +26,14 @@ from jupyter_core.paths import jupyter_runtime_dir
 from traitlets import Bool, Enum, Float, Integer, List, Unicode, default
 
 from . import __version__
-from .database import SchemaError, available_migrations, connect, migrate, open_database
+from .database import (
+    NewerSchemaError,
+    SchemaError,
+    available_migrations,
+    connect,
+    migrate,
+    open_database,
+)
 from .server import AccessLogger, ProxySettings, ReplayProxy
 from .taps.log import LogWriter
 from .upstream import Upstream, redact
@@ -124,14 +132,18 @@ class ProxyApp(JupyterApp):
 
     async def run_proxy(self, upstream: Upstream, stop: asyncio.Event, lab_url: str = "") -> None:
         """Serve until `stop` is set; the log is flushed before returning."""
+        session_id = uuid.uuid4().hex
         try:
             conn = open_database(self.db)
-        except SchemaError as error:
+        except NewerSchemaError as error:
             self.log.critical("%s", error)
             sys.exit(2)
-        session_id = proxy_state(conn, "websocket_link_session_id", uuid.uuid4().hex)
-        conn.close()
-        writer = LogWriter(lambda: connect(self.db), flush_interval=self.log_flush_interval)
+        except SchemaError as error:  # corrupt or unreadable: relay anyway, report, retry
+            self.log.error("%s; relaying without a log until it is writable", error)
+        else:
+            session_id = proxy_state(conn, "websocket_link_session_id", session_id)
+            conn.close()
+        writer = LogWriter(lambda: open_database(self.db), flush_interval=self.log_flush_interval)
         proxy = ReplayProxy(upstream, writer, self.settings(session_id))
         runner = web.AppRunner(
             proxy.make_app(),
@@ -304,7 +316,7 @@ class MigrateApp(ProxyApp):
         try:
             conn = connect(self.db)
             applied = migrate(conn)
-        except SchemaError as error:
+        except (SchemaError, sqlite3.DatabaseError) as error:
             self.log.critical("%s", error)
             sys.exit(2)
         latest = max((m.version for m in available_migrations()), default=0)

@@ -23,6 +23,10 @@ class SchemaError(RuntimeError):
     """The database cannot be used by this version of the proxy."""
 
 
+class NewerSchemaError(SchemaError):
+    """The database was written by a newer proxy: using it could damage it."""
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -92,7 +96,7 @@ def migrate(conn: sqlite3.Connection, migrations: list[Migration] | None = None)
     known = {m.version for m in migrations}
     newer = sorted(done - known)
     if newer:
-        raise SchemaError(
+        raise NewerSchemaError(
             f"the log database has schema version {max(done)}, newer than this proxy knows "
             f"(up to {max(known, default=0)}): upgrade jupyter-replay-proxy or use another --db"
         )
@@ -109,7 +113,8 @@ def migrate(conn: sqlite3.Connection, migrations: list[Migration] | None = None)
                 (migration.version, migration.name, datetime.now(timezone.utc).isoformat()),
             )
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
         applied.append(migration.version)
@@ -133,7 +138,10 @@ def _statements(sql: str) -> list[str]:
 
 def open_database(path: str | Path) -> sqlite3.Connection:
     """Connect and migrate: what the proxy does at start-up."""
-    conn = connect(path)
+    try:
+        conn = connect(path)
+    except sqlite3.DatabaseError as error:
+        raise SchemaError(f"cannot use {path} as the log database: {error}") from error
     try:
         migrate(conn)
     except sqlite3.DatabaseError as error:

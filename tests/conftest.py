@@ -208,7 +208,7 @@ class KernelChannels:
 
     ws: aiohttp.ClientWebSocketResponse
     http: aiohttp.ClientSession
-    session: Session = field(default_factory=lambda: Session(key=b""))
+    session: Session = field(default_factory=lambda: Session(key=b"unused: frontends do not sign"))
     received: list[Message] = field(default_factory=list)
 
     @property

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+
+import aiohttp
 import pytest
 
 from proxy.codecs import V1_SUBPROTOCOL
@@ -26,3 +30,222 @@ async def test_execute_through_proxy(
         assert "execute_input" in types
     finally:
         await client.close()
+
+
+async def test_three_clients_get_own_replies_and_all_iopub(
+    proxy: RunningProxy, jupyter_server: JupyterServer, kernel_id: str
+) -> None:
+    clients = [
+        await open_channels(proxy.url, kernel_id, jupyter_server.token, protocol=protocol)
+        for protocol in (V1_SUBPROTOCOL, None, V1_SUBPROTOCOL)
+    ]
+    try:
+        request_ids = []
+        for i, client in enumerate(clients):
+            msg_id, reply, _ = await client.execute(f"print('from client {i}')")
+            assert reply.content()["status"] == "ok"
+            request_ids.append(msg_id)
+        # Let every client drain what the others' executions produced.
+        await asyncio.sleep(0.5)
+        for i, client in enumerate(clients):
+            while True:
+                try:
+                    await client.recv(timeout=0.3)
+                except asyncio.TimeoutError:
+                    break
+            replies = [m for m in client.received if m.channel == "shell"]
+            assert [m.parent_msg_id for m in replies] == [request_ids[i]]
+            printed = stream_text([m for m in client.received if m.channel == "iopub"])
+            assert printed == "from client 0\nfrom client 1\nfrom client 2\n"
+    finally:
+        for client in clients:
+            await client.close()
+
+
+async def test_log_rows_for_an_execution(
+    proxy: RunningProxy, jupyter_server: JupyterServer, kernel_id: str
+) -> None:
+    client = await open_channels(proxy.url, kernel_id, jupyter_server.token)
+    try:
+        msg_id, _, iopub = await client.execute("print('logged')")
+    finally:
+        await client.close()
+    db = proxy.db()
+    rows = db.execute(
+        "SELECT * FROM messages WHERE msg_id = ? OR parent_msg_id = ? ORDER BY seq",
+        (msg_id, msg_id),
+    ).fetchall()
+    request = rows[0]
+    assert (request["direction"], request["channel"], request["msg_type"]) == (
+        "to_kernel", "shell", "execute_request",
+    )  # fmt: skip
+    assert json.loads(request["content"])["code"] == "print('logged')"
+    assert request["client_id"] is not None
+    children = [(r["channel"], r["msg_type"]) for r in rows[1:]]
+    assert [m.msg_type for m in iopub] == [t for c, t in children if c == "iopub"]
+    assert ("shell", "execute_reply") in children
+    assert all(r["direction"] == "from_kernel" for r in rows[1:])
+    reply = next(r for r in rows if r["msg_type"] == "execute_reply")
+    assert reply["client_id"] == request["client_id"]
+    assert all(r["kernel_id"] == kernel_id and r["received_at"] for r in rows)
+    assert [r["seq"] for r in rows] == sorted(r["seq"] for r in rows)
+    who = db.execute(
+        "SELECT username, session_id, protocol, disconnected_at FROM clients WHERE client_id = ?",
+        (request["client_id"],),
+    ).fetchone()
+    assert who["username"]  # as /api/me reports the token's user
+    assert who["protocol"] == V1_SUBPROTOCOL
+    assert who["disconnected_at"] is not None
+    stream = next(r for r in rows if r["msg_type"] == "stream")
+    assert json.loads(stream["content"]) == {"name": "stdout", "text": "logged\n"}
+
+
+@pytest.mark.parametrize("token", ["wrong-token", None], ids=["wrong", "missing"])
+async def test_refused_without_valid_credentials(
+    zmq_proxy: RunningProxy, kernel_id: str, token: str | None
+) -> None:
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await open_channels(zmq_proxy.url, kernel_id, token)
+    assert refused.value.status == 403
+
+
+async def test_unknown_kernel_is_404(
+    zmq_proxy: RunningProxy, jupyter_server: JupyterServer
+) -> None:
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await open_channels(
+            zmq_proxy.url, "00000000-0000-0000-0000-000000000000", jupyter_server.token
+        )
+    assert refused.value.status == 404
+
+
+async def test_status_endpoint_needs_credentials(
+    zmq_proxy: RunningProxy, jupyter_server: JupyterServer, kernel_id: str
+) -> None:
+    url = zmq_proxy.url + "replay-proxy/api/status"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url) as resp:
+            assert resp.status == 403
+        await zmq_proxy.proxy.refresh_kernels()
+        async with http.get(url, headers=jupyter_server.headers()) as resp:
+            assert resp.status == 200
+            status = await resp.json()
+    assert status["log"]["ok"] is True
+    assert {"id": kernel_id, "link": "zmq", "clients": 0} in status["kernels"]
+    assert jupyter_server.token not in json.dumps(status)
+
+
+def _v1(offsets: list[int], body: bytes) -> bytes:
+    import struct
+
+    return struct.pack(f"<{len(offsets) + 1}Q", len(offsets), *offsets) + body
+
+
+BAD_FRAMES = {
+    "truncated offsets": _v1([56, 61], b"shell")[:20],
+    "offsets past the end": _v1([56, 61, 63, 65, 67, 900], b"shell{}{}{}{}"),
+    "invalid utf-8": _v1([56, 61, 63, 65, 67, 69], b"shell\xff\xfe{}{}{}"),
+    "invalid json": _v1([56, 61, 63, 65, 67, 69], b"shell{]{}{}{}"),
+    "missing header fields": _v1([56, 61, 63, 65, 67, 69], b"shell{}{}{}{}"),
+    "unknown channel": _v1(
+        [56, 61, 91, 93, 95, 97], b"iopub" + b'{"msg_id":"a","msg_type":"b"}' + b"{}{}{}"
+    ),
+    "text on v1": "{}",
+}
+
+
+@pytest.mark.parametrize("frame", BAD_FRAMES.values(), ids=BAD_FRAMES.keys())
+async def test_malformed_frames_close_only_that_client(
+    zmq_proxy: RunningProxy, jupyter_server: JupyterServer, kernel_id: str, frame: bytes | str
+) -> None:
+    bystander = await open_channels(zmq_proxy.url, kernel_id, jupyter_server.token)
+    culprit = await open_channels(zmq_proxy.url, kernel_id, jupyter_server.token)
+    try:
+        if isinstance(frame, str):
+            await culprit.ws.send_str(frame)
+        else:
+            await culprit.ws.send_bytes(frame)
+        closing = await culprit.ws.receive(timeout=10)
+        assert closing.type == aiohttp.WSMsgType.CLOSE
+        assert closing.data == 1007
+        assert closing.extra  # a reason a person can read
+        _, reply, iopub = await bystander.execute("print('still fine')")
+        assert stream_text(iopub) == "still fine\n"
+    finally:
+        await bystander.close()
+        await culprit.close()
+    health = zmq_proxy.writer.health()
+    assert (health.ok and health.pending == 0) or zmq_proxy.writer.flush()
+
+
+async def test_oversized_frame_is_refused(
+    aiohttp_server, jupyter_server: JupyterServer, kernel_id: str, tmp_path
+) -> None:
+    from .conftest import make_proxy
+
+    small = await make_proxy(
+        aiohttp_server, jupyter_server.url, jupyter_server.token, jupyter_server.runtime_dir,
+        tmp_path / "log.sqlite", link="zmq", max_frame_size=4096,
+    )  # fmt: skip
+    client = await open_channels(small.url, kernel_id, jupyter_server.token)
+    try:
+        await client.send("shell", "execute_request", {"code": "x" * 10_000})
+        closing = await client.ws.receive(timeout=10)
+        assert closing.type == aiohttp.WSMsgType.CLOSE
+        assert closing.data == 1009
+    finally:
+        await client.close()
+        small.writer.close()
+
+
+async def test_lossless_over_jupyter_servers_rate_limit(
+    zmq_proxy: RunningProxy, jupyter_server: JupyterServer, kernel_id: str
+) -> None:
+    """Stock jupyter-server drops iopub over 1,000 msgs/s; the zmq link carries every line."""
+    lines = 20_000
+    client = await open_channels(zmq_proxy.url, kernel_id, jupyter_server.token)
+    try:
+        msg_id, reply, iopub = await client.execute(
+            f"import sys\nfor i in range({lines}):\n    print(i, flush=True)", timeout=180
+        )
+    finally:
+        await client.close()
+    assert reply.content()["status"] == "ok"
+    assert stream_text(iopub).split() == [str(i) for i in range(lines)]
+    assert "rate exceeded" not in stream_text(iopub)
+    logged = (
+        zmq_proxy.db()
+        .execute(
+            "SELECT group_concat(json_extract(content, '$.text'), '') FROM "
+            "(SELECT content FROM messages WHERE parent_msg_id = ? AND msg_type = 'stream' ORDER BY seq)",
+            (msg_id,),
+        )
+        .fetchone()[0]
+    )
+    assert logged.split() == [str(i) for i in range(lines)]
+
+
+async def test_presence_makes_jupyter_server_count_the_connection(
+    zmq_proxy: RunningProxy, jupyter_server: JupyterServer, kernel_id: str
+) -> None:
+    async def connections() -> int:
+        async with aiohttp.ClientSession(headers=jupyter_server.headers()) as http:
+            async with http.get(jupyter_server.url + f"api/kernels/{kernel_id}") as resp:
+                return (await resp.json())["connections"]
+
+    await zmq_proxy.proxy.refresh_kernels()
+    assert await connections() == 0
+    client = await open_channels(zmq_proxy.url, kernel_id, jupyter_server.token)
+    try:
+        for _ in range(50):
+            if await connections() >= 1:
+                break
+            await asyncio.sleep(0.1)
+        assert await connections() == 1
+    finally:
+        await client.close()
+    for _ in range(50):
+        if await connections() == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert await connections() == 0

@@ -217,7 +217,8 @@ class LogWriter:
                 conn.executemany(_CLIENT_LEFT, left)
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:  # SQLite already rolled back after e.g. SQLITE_FULL
+                    conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as error:
             self._fail(error)
