@@ -169,7 +169,7 @@ async def test_malformed_frames_close_only_that_client(
         assert closing.type == aiohttp.WSMsgType.CLOSE
         assert closing.data == 1007
         assert closing.extra  # a reason a person can read
-        _, reply, iopub = await bystander.execute("print('still fine')")
+        _, _reply, iopub = await bystander.execute("print('still fine')")
         assert stream_text(iopub) == "still fine\n"
     finally:
         await bystander.close()
@@ -217,7 +217,8 @@ async def test_lossless_over_jupyter_servers_rate_limit(
         zmq_proxy.db()
         .execute(
             "SELECT group_concat(json_extract(content, '$.text'), '') FROM "
-            "(SELECT content FROM messages WHERE parent_msg_id = ? AND msg_type = 'stream' ORDER BY seq)",
+            "(SELECT content FROM messages"
+            " WHERE parent_msg_id = ? AND msg_type = 'stream' ORDER BY seq)",
             (msg_id,),
         )
         .fetchone()[0]
@@ -229,9 +230,11 @@ async def test_presence_makes_jupyter_server_count_the_connection(
     zmq_proxy: RunningProxy, jupyter_server: JupyterServer, kernel_id: str
 ) -> None:
     async def connections() -> int:
-        async with aiohttp.ClientSession(headers=jupyter_server.headers()) as http:
-            async with http.get(jupyter_server.url + f"api/kernels/{kernel_id}") as resp:
-                return (await resp.json())["connections"]
+        async with (
+            aiohttp.ClientSession(headers=jupyter_server.headers()) as http,
+            http.get(jupyter_server.url + f"api/kernels/{kernel_id}") as resp,
+        ):
+            return (await resp.json())["connections"]
 
     await zmq_proxy.proxy.refresh_kernels()
     assert await connections() == 0
