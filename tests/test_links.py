@@ -65,9 +65,11 @@ async def test_restart_through_the_proxy(
     client = await open_channels(proxy.url, kernel_id, jupyter_server.token)
     try:
         await client.execute("x = 1")
-        async with aiohttp.ClientSession(headers=jupyter_server.headers()) as http:
-            async with http.post(proxy.url + f"api/kernels/{kernel_id}/restart") as resp:
-                assert resp.status == 200
+        async with (
+            aiohttp.ClientSession(headers=jupyter_server.headers()) as http,
+            http.post(proxy.url + f"api/kernels/{kernel_id}/restart") as resp,
+        ):
+            assert resp.status == 200
         _, reply, _ = await client.execute("print('x' in dir())")
         assert reply.content()["status"] == "ok"
         _, _, iopub = await client.execute("print('x' in dir())")
