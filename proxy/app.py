@@ -111,6 +111,13 @@ class ProxyApp(JupyterApp):
     kernel_poll_interval = Float(
         1.0, config=True, help="Seconds between looks at jupyter-server's list of kernels."
     )
+    allowed_message_types = List(
+        Unicode(),
+        config=True,
+        help="Message types clients may send (empty: all). Set it to jupyter-server's "
+        "MappingKernelManager.allowed_message_types: with the zmq link the proxy enforces it "
+        "itself; `lab` passes it on to the server it spawns.",
+    )
 
     @default("db")
     def _default_db(self) -> str:
@@ -128,6 +135,7 @@ class ProxyApp(JupyterApp):
             max_client_queue=self.max_client_queue,
             kernel_poll_interval=self.kernel_poll_interval,
             websocket_link_session_id=session_id,
+            allowed_message_types=frozenset(self.allowed_message_types),
         )
 
     async def run_proxy(self, upstream: Upstream, stop: asyncio.Event, lab_url: str = "") -> None:
@@ -243,6 +251,11 @@ class LabApp(ProxyApp):
             "--ZMQChannelsWebsocketConnection.limit_rate=False",
             *([f"--ServerApp.root_dir={self.root_dir}"] if self.root_dir else []),
             *(["--allow-root"] if os.geteuid() == 0 else []),  # the user chose to run as root
+            *(
+                [f"--MappingKernelManager.allowed_message_types={self.allowed_message_types!r}"]
+                if self.allowed_message_types
+                else []
+            ),
             *self.lab_args,
         ]  # fmt: skip
         env = {**os.environ, "JUPYTER_TOKEN": token}  # not on the command line, where ps shows it

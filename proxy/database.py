@@ -65,6 +65,7 @@ def connect(path: str | Path) -> sqlite3.Connection:
         os.chmod(path, 0o600)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
     conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")  # a commit survives kill -9; fsync at checkpoints
     conn.execute("PRAGMA foreign_keys = ON")
     for suffix in ("-wal", "-shm"):
         side = Path(f"{path}{suffix}")

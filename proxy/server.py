@@ -49,6 +49,7 @@ class ProxySettings:
     max_client_queue: int = 100_000
     kernel_poll_interval: float = 1.0
     websocket_link_session_id: str = ""
+    allowed_message_types: frozenset[str] = frozenset()  # empty: all, as in jupyter-server
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -207,6 +208,11 @@ class ReplayProxy:
                     code = CLOSE_TOO_BIG if "exceeds the limit" in reason else CLOSE_MALFORMED
                     await ws.close(code=code, message=reason.encode()[:120])
                     return
+                allowed = self.settings.allowed_message_types
+                if allowed and message.msg_type not in allowed:
+                    log.warning('Received message of type "%s", which is not allowed. Ignoring.',
+                                message.msg_type)  # fmt: skip
+                    continue
                 relay.from_client(client, message)
             elif frame.type == aiohttp.WSMsgType.ERROR:
                 log.warning("Client %s: %s", client.client_id[:8], ws.exception())

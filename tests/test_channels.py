@@ -252,3 +252,27 @@ async def test_presence_makes_jupyter_server_count_the_connection(
             break
         await asyncio.sleep(0.1)
     assert await connections() == 0
+
+
+async def test_disallowed_message_types_are_dropped_like_jupyter_server_does(
+    aiohttp_server, jupyter_server: JupyterServer, kernel_id: str, tmp_path
+) -> None:
+    from .conftest import make_proxy
+
+    strict = await make_proxy(
+        aiohttp_server, jupyter_server.url, jupyter_server.token, jupyter_server.runtime_dir,
+        tmp_path / "log.sqlite", link="zmq",
+        allowed_message_types=frozenset({"kernel_info_request"}),
+    )  # fmt: skip
+    client = await open_channels(strict.url, kernel_id, jupyter_server.token)
+    try:
+        await client.send("shell", "execute_request", {"code": "open('/tmp/x', 'w')"})
+        info_id = await client.send("shell", "kernel_info_request", {})
+        while True:
+            message = await client.recv()
+            if message.channel == "shell":
+                break
+        assert message.parent_msg_id == info_id  # no execute_reply came first: it never ran
+    finally:
+        await client.close()
+        strict.writer.close()
