@@ -79,7 +79,12 @@ class ProxyProcess:
 
 
 async def flood(base: str, kernel_id: str, token: str, lines: int) -> tuple[float, int]:
-    """Seconds until execute_reply and idle, and the number of lines received."""
+    """Seconds until execute_reply and the last line, and the number of lines received.
+
+    The idle status can be lost too (the kernel's PUB drops for a slow subscriber), so after the
+    reply, three seconds without a message also end the wait; the time is that of the last
+    message received.
+    """
     client = await open_channels(base, kernel_id, token)
     try:
         code = f"for i in range({lines}):\n    print(i, flush=True)"
@@ -89,24 +94,25 @@ async def flood(base: str, kernel_id: str, token: str, lines: int) -> tuple[floa
             {"code": code, "silent": False, "store_history": False, "user_expressions": {},
              "allow_stdin": False},
         )  # fmt: skip
-        received, reply, idle = 0, False, False
+        received, reply, idle, last = 0, False, False, started
         while not (reply and idle):
             try:
-                message = await client.recv(timeout=120)
+                message = await client.recv(timeout=3 if reply else 300)
             except asyncio.TimeoutError:
-                raise RuntimeError(
-                    f"{base}: stuck after {received} lines, reply={reply}, idle={idle}"
-                ) from None
+                if reply:
+                    break
+                raise RuntimeError(f"{base}: no execute_reply; {received} lines") from None
             client.received.clear()
             if message.parent_msg_id != msg_id:
                 continue
+            last = time.perf_counter()
             if message.msg_type == "stream":
                 received += message.content()["text"].count("\n")
             elif message.msg_type == "execute_reply":
                 reply = True
             elif message.msg_type == "status":
                 idle = message.content()["execution_state"] == "idle"
-        return time.perf_counter() - started, received
+        return last - started, received
     finally:
         await client.close()
 
@@ -150,19 +156,23 @@ async def bench_flood(args: argparse.Namespace, tmp: Path) -> None:
         await flood(server.url, kernel_id, server.token, 1000)  # warm up both paths
         await flood(proxy.url, kernel_id, server.token, 1000)
         times: dict[str, list[float]] = {"direct": [], "proxied": []}
+        lost = {"direct": 0, "proxied": 0}
         rss: list[float] = []
         stop = asyncio.Event()
         sampler = asyncio.ensure_future(sample_rss(proxy.process.pid, rss, stop))
         for _ in range(args.rounds):
             for name, base in (("direct", server.url), ("proxied", proxy.url)):
                 seconds, received = await flood(base, kernel_id, server.token, args.lines)
-                assert received == args.lines, f"{name} got {received} of {args.lines} lines"
                 times[name].append(seconds)
+                lost[name] = max(lost[name], args.lines - received)
         stop.set()
         await sampler
         direct, proxied = statistics.median(times["direct"]), statistics.median(times["proxied"])
         print(f"(a) {args.lines:,} flushed lines, rate limit off, median of {args.rounds}:")
         print(f"    direct {direct:.2f} s   proxied {proxied:.2f} s   ratio {proxied / direct:.3f}")
+        print(
+            f"    most lines lost in a run: direct {lost['direct']:,}   proxied {lost['proxied']:,}"
+        )
         print(f"    proxy RSS: peak {max(rss):.0f} MB")
     finally:
         proxy.stop()

@@ -91,8 +91,17 @@ class ProxyApp(JupyterApp):
     max_client_queue = Integer(
         100_000,
         config=True,
-        help="Messages queued for one client before it counts as stalled and is closed "
-        "(its messages stay in the log).",
+        help="Messages queued for one client before it counts as behind and reads from the log "
+        "instead, until it has caught up.",
+    )
+    max_client_queue_bytes = Integer(
+        64 * 1024 * 1024, config=True, help="The same bound, in bytes of queued messages."
+    )
+    replay_window = Float(
+        24 * 3600.0,
+        config=True,
+        help="Seconds a session's position is kept for: a client reconnecting with the same "
+        "session_id within it receives everything it missed.",
     )
     link = Enum(
         ["auto", "zmq", "websocket"],
@@ -133,6 +142,8 @@ class ProxyApp(JupyterApp):
             link=self.link,
             max_frame_size=self.max_frame_size,
             max_client_queue=self.max_client_queue,
+            max_client_queue_bytes=self.max_client_queue_bytes,
+            replay_window=self.replay_window,
             kernel_poll_interval=self.kernel_poll_interval,
             websocket_link_session_id=session_id,
             allowed_message_types=frozenset(self.allowed_message_types),
@@ -152,7 +163,7 @@ class ProxyApp(JupyterApp):
             session_id = proxy_state(conn, "websocket_link_session_id", session_id)
             conn.close()
         writer = LogWriter(lambda: open_database(self.db), flush_interval=self.log_flush_interval)
-        proxy = ReplayProxy(upstream, writer, self.settings(session_id))
+        proxy = ReplayProxy(upstream, writer, self.settings(session_id), lambda: connect(self.db))
         runner = web.AppRunner(
             proxy.make_app(),
             access_log_class=AccessLogger,

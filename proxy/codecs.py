@@ -36,6 +36,7 @@ class Message:
     parts: list[bytes]  # header, parent_header, metadata, content, *buffers
     header: dict[str, Any]
     parent_header: dict[str, Any]
+    seq: int = 0  # position in the log, set when the relay passes it on
     _encoded: dict[str, bytes | str] = field(default_factory=dict, repr=False)
 
     @property
@@ -53,6 +54,10 @@ class Message:
     @property
     def buffers(self) -> list[bytes]:
         return self.parts[4:]
+
+    @property
+    def size(self) -> int:
+        return sum(len(part) for part in self.parts)
 
     def content(self) -> Any:
         """The parsed content (parsed on demand: the relay itself never needs it)."""
@@ -99,6 +104,55 @@ def message_from_parts(
         _json_object(parts[2], "metadata")
         _json_object(parts[3], "content")
     return Message(channel, parts, header, parent_header)
+
+
+def with_seq(message: Message) -> Message:
+    """A copy whose metadata carries its log sequence number, for tools that resume by it."""
+    metadata = message.parts[2].strip()
+    stamp = b'{"replay_proxy_seq":%d' % message.seq
+    spliced = stamp + (b"}" if metadata in (b"{}", b"") else b"," + metadata[1:])
+    parts = [*message.parts[:2], spliced, *message.parts[3:]]
+    return Message(message.channel, parts, message.header, message.parent_header, message.seq)
+
+
+def coalesce_streams(messages: list[Message]) -> list[Message]:
+    """Merge runs of stream messages of one execution and stream name into one message each.
+
+    JupyterLab appends stream text to the output it already shows, so what it renders is the
+    same; a client that fell behind receives far fewer, larger frames. A merged message keeps
+    the first one's header and the last one's sequence number.
+    """
+    merged: list[Message] = []
+    run: list[Message] = []
+    run_key: tuple[str | None, str] | None = None
+    texts: list[str] = []
+
+    def close_run() -> None:
+        if len(run) == 1:
+            merged.append(run[0])
+        elif run:
+            first = run[0]
+            content = json.dumps({"name": run_key[1], "text": "".join(texts)}).encode()  # type: ignore[index]
+            parts = [first.parts[0], first.parts[1], first.parts[2], content]
+            merged.append(Message("iopub", parts, first.header, first.parent_header, run[-1].seq))
+        run.clear()
+        texts.clear()
+
+    for message in messages:
+        key = None
+        if message.channel == "iopub" and message.msg_type == "stream" and not message.buffers:
+            content = message.content()
+            key = (message.parent_msg_id, content.get("name", "stdout"))
+        if key is None or key != run_key:
+            close_run()
+            run_key = key
+        if key is None:
+            merged.append(message)
+        else:
+            run.append(message)
+            texts.append(content.get("text", ""))
+    close_run()
+    return merged
 
 
 # --- v1.kernel.websocket.jupyter.org -------------------------------------------------------

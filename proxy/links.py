@@ -36,6 +36,7 @@ from .codecs import (
     decode_v1,
     message_from_parts,
 )
+from .relay import in_background
 from .upstream import Upstream
 
 log = logging.getLogger("jupyter_replay_proxy.links")
@@ -53,11 +54,16 @@ class _Presence:
     """A channels websocket held open on jupyter-server while frontends are attached."""
 
     def __init__(
-        self, upstream: Upstream, kernel_id: str, deliver: Callable[[Message], None]
+        self,
+        upstream: Upstream,
+        kernel_id: str,
+        deliver: Callable[[Message], None],
+        restarted: Callable[[], None],
     ) -> None:
         self.upstream = upstream
         self.kernel_id = kernel_id
         self.deliver = deliver
+        self.restarted = restarted
         self.task: asyncio.Task[None] | None = None
 
     def hold(self, wanted: bool) -> None:
@@ -100,6 +106,7 @@ class _Presence:
             state = message.content().get("execution_state")
             if state in ("restarting", "autorestarting", "dead"):
                 self.deliver(message)
+                self.restarted()
 
     async def close(self) -> None:
         task, self.task = self.task, None
@@ -134,13 +141,29 @@ class ZmqLink:
             "shell": client.connect_shell(identity=identity),
             "control": client.connect_control(identity=identity),
             "stdin": client.connect_stdin(identity=identity),
-            "iopub": client.connect_iopub(),
+            "iopub": self._unbounded_subscriber(context, info),
         }
         self._readers: list[asyncio.Task[None]] = []
         self._iopub_flowing = asyncio.Event()
         self._held: list[Message] = []  # client messages sent before iopub was flowing
         self._nudges: set[str] = set()
-        self.presence = _Presence(upstream, kernel_id, deliver)
+        self.presence = _Presence(upstream, kernel_id, deliver, self.resync)
+
+    @staticmethod
+    def _unbounded_subscriber(
+        context: zmq.asyncio.Context, info: dict[str, Any]
+    ) -> zmq.asyncio.Socket:
+        """An iopub SUB with no high-water mark: with the default (1,000), the kernel's PUB
+        drops messages for a subscriber that falls behind, as jupyter-server's own does."""
+        socket = context.socket(zmq.SUB)
+        socket.setsockopt(zmq.RCVHWM, 0)  # before connect: it applies to new pipes only
+        socket.setsockopt(zmq.SUBSCRIBE, b"")
+        socket.linger = 0
+        ip, port = info["ip"], info["iopub_port"]
+        socket.connect(
+            f"tcp://{ip}:{port}" if info.get("transport", "tcp") == "tcp" else f"ipc://{ip}-{port}"
+        )
+        return socket
 
     @classmethod
     def from_file(cls, path: Path, *args: Any) -> ZmqLink:
@@ -194,6 +217,16 @@ class ZmqLink:
                 self._nudges.discard(message.parent_msg_id)
                 continue
             self.deliver(message)
+
+    def resync(self) -> None:
+        """After a restart: hold client messages until the new kernel's iopub reaches us.
+
+        The SUB socket reconnects by itself but misses what the kernel publishes before its
+        subscription lands; a request sent in that window would lose its output.
+        """
+        if self._iopub_flowing.is_set():
+            self._iopub_flowing.clear()
+            in_background(self._nudge())
 
     def send(self, message: Message) -> None:
         if not self._iopub_flowing.is_set():
@@ -311,6 +344,9 @@ class WebsocketLink:
 
     def set_clients_attached(self, count: int) -> None:
         """This link is itself a connection jupyter-server counts: nothing to do."""
+
+    def resync(self) -> None:
+        """jupyter-server follows its own restarts on this link's behalf."""
 
     async def close(self) -> None:
         if self._task is not None:

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .codecs import Message
+from .codecs import Message, coalesce_streams
 
 log = logging.getLogger("jupyter_replay_proxy.relay")
 
@@ -43,6 +43,9 @@ class Tap:
     def client_left(self, client: Client) -> None:
         """A frontend's websocket closed."""
 
+    def delivery_confirmed(self, client: Client, seq: int) -> None:
+        """The client acknowledged everything meant for it up to `seq`."""
+
     def message_relayed(
         self,
         seq: int,
@@ -67,16 +70,40 @@ class KernelLink(Protocol):
 
     def set_clients_attached(self, count: int) -> None: ...
 
+    def resync(self) -> None: ...
+
     async def close(self) -> None: ...
 
 
-class ClientOverflow(Exception):
-    """A client stopped reading while its kernel kept talking."""
+class Backlog(Protocol):
+    """Where a client that is behind reads what it missed: the log."""
+
+    async def history(
+        self, client: Client, after: int, upto: int | None, limit: int | None, parent: str | None
+    ) -> list[Message]:
+        """The client's messages with `after` < seq <= `upto` (None: all committed), in order."""
+        ...
+
+    async def settle(self) -> None:
+        """Return once everything relayed so far is committed."""
+        ...
+
+
+#: A catch-up reads the log this many messages at a time, so a stalled client costs no more.
+CATCH_UP_CHUNK = 5000
+#: A live batch at least this long means the client fell behind: coalesce its streams.
+COALESCE_FROM = 8
 
 
 @dataclass(eq=False)
 class Client:
-    """One frontend websocket on a kernel's channels, and its outgoing queue."""
+    """One frontend websocket on a kernel's channels, and what it has been sent.
+
+    Everything this client should get with seq <= `sent_seq` has been handed to its socket, in
+    order. Live messages wait in a bounded queue; past the bound the client is *behind*: the
+    queue is dropped and the pump reads the log from `sent_seq` on, then rejoins live with
+    neither gap nor duplicate (see :meth:`_catch_up`).
+    """
 
     client_id: str
     kernel_id: str
@@ -87,32 +114,115 @@ class Client:
     remote: str | None = None
     connected_at: float = field(default_factory=time.time)
     max_queued: int = 100_000
-    _queue: collections.deque[Message] = field(default_factory=collections.deque)
-    _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    max_queued_bytes: int = 64 * 1024 * 1024
+    sent_seq: int = 0
+    confirmed_seq: int = 0
+    behind: bool = False
+    replay_parent: str | None = None  # the first catch-up only sends children of this request
+    expose_seq: bool = False  # a tool that asked for history also learns each message's seq
+    preface: list[Message] = field(default_factory=list)  # current state, sent before anything
     closed: bool = False
-    overflowed: bool = False
+    _queue: collections.deque[Message] = field(default_factory=collections.deque)
+    _queued_bytes: int = 0
+    _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
 
     def deliver(self, message: Message) -> None:
-        """Queue a message for this client; never blocks the relay."""
-        if self.closed or self.overflowed:
+        """Queue a live message for this client; never blocks the relay."""
+        if self.closed or self.behind:
+            return  # a client that is behind reads it from the log
+        if len(self._queue) >= self.max_queued or self._queued_bytes >= self.max_queued_bytes:
+            self.fall_behind()
             return
-        if len(self._queue) >= self.max_queued:
-            self.overflowed = True
-            self._queue.clear()
-        else:
-            self._queue.append(message)
+        self._queue.append(message)
+        self._queued_bytes += message.size
         self._wakeup.set()
 
-    async def pump(self, send: Callable[[bytes | str], Awaitable[None]]) -> None:
-        """Send queued messages in order until the client closes; raise if it overflowed."""
+    def fall_behind(self) -> None:
+        self.behind = True
+        self._queue.clear()
+        self._queued_bytes = 0
+        self._wakeup.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self._wakeup.set()
+
+    async def pump(
+        self,
+        send: Callable[[Message], Awaitable[None]],
+        confirm: Callable[[int], Awaitable[None]],
+        backlog: Backlog,
+        last_seq: Callable[[], int],
+    ) -> None:
+        """Send this client its messages in order until it closes.
+
+        After each batch, `confirm(seq)` asks the client to acknowledge (a websocket ping
+        carrying seq): what it acknowledged is what a reconnect resumes after.
+        """
+        for message in self.preface:
+            await send(message)
+        self.preface = []
         while not self.closed:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            if self.overflowed:
-                raise ClientOverflow(f"client fell {self.max_queued} messages behind")
-            queue = self._queue
-            while queue:
-                await send(queue.popleft().encoded(self.protocol))
+            if self.behind:
+                await self._catch_up(send, confirm, backlog, last_seq)
+                continue
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch = list(self._queue)
+            self._queue.clear()
+            self._queued_bytes = 0
+            if len(batch) >= COALESCE_FROM:
+                batch = coalesce_streams(batch)
+            for message in batch:
+                await send(message)
+                self.sent_seq = message.seq
+            await confirm(self.sent_seq)
+
+    async def _catch_up(
+        self,
+        send: Callable[[Message], Awaitable[None]],
+        confirm: Callable[[int], Awaitable[None]],
+        backlog: Backlog,
+        last_seq: Callable[[], int],
+    ) -> None:
+        parent, self.replay_parent = self.replay_parent, None
+        while not self.closed:  # read committed history a chunk at a time
+            chunk = await backlog.history(self, self.sent_seq, None, CATCH_UP_CHUNK, parent)
+            await self._send_history(chunk, send, confirm)
+            if len(chunk) < CATCH_UP_CHUNK:
+                break
+        # Rejoin live: queue again from now on, so everything after `boundary` arrives live;
+        # once all up to `boundary` is committed, send that last stretch from the log.
+        self.behind = False
+        boundary = last_seq()
+        await backlog.settle()
+        await self._send_history(
+            await backlog.history(self, self.sent_seq, boundary, None, parent), send, confirm
+        )
+        self.sent_seq = max(self.sent_seq, boundary)
+
+    async def _send_history(
+        self,
+        messages: list[Message],
+        send: Callable[[Message], Awaitable[None]],
+        confirm: Callable[[int], Awaitable[None]],
+    ) -> None:
+        for message in coalesce_streams(messages):
+            await send(message)
+            self.sent_seq = message.seq
+        if messages:
+            await confirm(self.sent_seq)
+
+
+@dataclass
+class KernelMemory:
+    """What a kernel's relay must remember across a proxy restart, restored from the log."""
+
+    requesters: dict[str, Client] = field(default_factory=dict)  # unanswered request -> sender
+    last_status: Message | None = None
+    pending_input: Message | None = None
 
 
 class KernelRelay:
@@ -124,13 +234,17 @@ class KernelRelay:
         link: KernelLink,
         taps: list[Tap],
         next_seq: Callable[[], int],
+        memory: KernelMemory | None = None,
     ) -> None:
         self.kernel_id = kernel_id
         self.link = link
         self.taps = taps
         self.next_seq = next_seq
         self.clients: dict[str, Client] = {}
-        self._requesters: dict[str, Client] = {}
+        memory = memory or KernelMemory()
+        self._requesters = memory.requesters
+        self.last_status = memory.last_status  # what a late joiner is told first
+        self.pending_input = memory.pending_input  # an input_request nobody has answered yet
 
     def attach(self, client: Client) -> None:
         self.clients[client.client_id] = client
@@ -139,15 +253,33 @@ class KernelRelay:
         self.link.set_clients_attached(len(self.clients))
 
     def detach(self, client: Client) -> None:
-        client.closed = True
+        client.close()
         if self.clients.pop(client.client_id, None) is None:
             return
         for tap in self.taps:
             tap.client_left(client)
         self.link.set_clients_attached(len(self.clients))
 
+    def confirm_delivery(self, client: Client, seq: int) -> None:
+        """The client acknowledged everything meant for it up to `seq`."""
+        if seq > client.confirmed_seq or seq == client.sent_seq:
+            client.confirmed_seq = max(client.confirmed_seq, seq)
+            for tap in self.taps:
+                tap.delivery_confirmed(client, client.confirmed_seq)
+
+    def current_state(self, client: Client) -> list[Message]:
+        """What a client that joins without history is told at once: the kernel's execution
+        state, and an input() prompt whose requester is gone."""
+        state = [self.last_status] if self.last_status is not None else []
+        pending = self.pending_input
+        if pending is not None:
+            requester = self._requesters.get(pending.parent_msg_id or "")
+            if requester is None or self._live_client_of(requester) is None:
+                state.append(pending)
+        return state
+
     def _emit(self, direction: str, message: Message, client: Client | None) -> None:
-        seq = self.next_seq()
+        message.seq = seq = self.next_seq()
         now = time.time()
         for tap in self.taps:
             tap.message_relayed(seq, self.kernel_id, direction, message, client, now)
@@ -156,39 +288,52 @@ class KernelRelay:
         """A frontend's message: remember who asked, log it, send it to the kernel."""
         if message.channel != "stdin":  # stdin carries replies (input_reply), not requests
             self._requesters[message.msg_id] = client
+        elif message.msg_type == "input_reply":
+            self.pending_input = None
         self._emit(TO_KERNEL, message, client)
         self.link.send(message)
 
     def from_kernel(self, message: Message) -> None:
-        """A kernel's message: iopub to everyone, a reply to whoever sent its parent."""
+        """A kernel's message: iopub to everyone, a reply to the session that sent its parent.
+
+        A reply whose requester left is logged as theirs, so their session gets it on replay.
+        """
         if message.channel == "iopub":
+            if message.msg_type == "status":
+                self.last_status = message
             self._emit(FROM_KERNEL, message, None)
             for client in self.clients.values():
                 client.deliver(message)
             return
-        parent_id = message.parent_msg_id
+        parent_id = message.parent_msg_id or ""
         if message.msg_type.endswith("_reply"):
-            requester = self._requesters.pop(parent_id, None) if parent_id else None
+            requester = self._requesters.pop(parent_id, None)
+            if self.pending_input is not None and self.pending_input.parent_msg_id == parent_id:
+                self.pending_input = None
         else:  # e.g. input_request on stdin, while its execute_request is still running
-            requester = self._requesters.get(parent_id) if parent_id else None
-        if requester is not None and requester.closed:
-            requester = self._live_client_of(requester)
+            requester = self._requesters.get(parent_id)
+            if message.msg_type == "input_request":
+                self.pending_input = message
         self._emit(FROM_KERNEL, message, requester)
         if requester is not None:
-            requester.deliver(message)
+            target = requester if not requester.closed else self._live_client_of(requester)
+            if target is not None:
+                target.deliver(message)
 
-    def _live_client_of(self, gone: Client) -> Client | None:
-        """The connected client carrying on the session of a client that left, if any."""
-        if gone.session_id is None:
+    def _live_client_of(self, client: Client) -> Client | None:
+        """The connected client carrying on a client's session (itself if still here)."""
+        if not client.closed:
+            return client
+        if client.session_id is None:
             return None
-        for client in reversed(self.clients.values()):
-            if client.session_id == gone.session_id:
-                return client
+        for other in reversed(self.clients.values()):
+            if other.session_id == client.session_id:
+                return other
         return None
 
-    def forget_requests(self) -> None:
-        """After a restart no pending request will be answered."""
-        self._requesters.clear()
+
+async def _nothing_to_remember(kernel_id: str) -> KernelMemory:
+    return KernelMemory()
 
 
 LinkFactory = Callable[[str, Callable[[Message], None], Callable[[str], None]], KernelLink]
@@ -197,10 +342,17 @@ LinkFactory = Callable[[str, Callable[[Message], None], Callable[[str], None]], 
 class Relay:
     """All kernels the proxy follows, created on first sight and dropped when they are gone."""
 
-    def __init__(self, link_factory: LinkFactory, taps: list[Tap], next_seq: Callable[[], int]):
+    def __init__(
+        self,
+        link_factory: LinkFactory,
+        taps: list[Tap],
+        next_seq: Callable[[], int],
+        remember: Callable[[str], Awaitable[KernelMemory]] | None = None,
+    ) -> None:
         self.link_factory = link_factory
         self.taps = taps
         self.next_seq = next_seq
+        self.remember = remember or _nothing_to_remember
         self.kernels: dict[str, KernelRelay] = {}
         self._starting: dict[str, asyncio.Task[KernelRelay]] = {}
         self.on_kernel_gone: list[Callable[[KernelRelay], Awaitable[None]]] = []
@@ -224,8 +376,9 @@ class Relay:
             assert relay is not None
             relay.from_kernel(message)
 
+        memory = await self.remember(kernel_id)
         link = self.link_factory(kernel_id, deliver, self._gone)
-        relay = KernelRelay(kernel_id, link, self.taps, self.next_seq)
+        relay = KernelRelay(kernel_id, link, self.taps, self.next_seq, memory)
         await link.start()
         self.kernels[kernel_id] = relay
         log.info("Following kernel %s over a %s link", kernel_id, link.kind)

@@ -11,7 +11,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
+import sqlite3
+import struct
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +26,11 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from . import __version__
-from .codecs import LEGACY, V1_SUBPROTOCOL, FrameError, decode_client_frame
+from .codecs import LEGACY, V1_SUBPROTOCOL, FrameError, Message, decode_client_frame, with_seq
 from .links import WebsocketLink, ZmqLink, connection_file
-from .relay import Client, ClientOverflow, KernelRelay, Relay, Tap, in_background
+from .relay import Client, KernelRelay, Relay, Tap, in_background
 from .taps.log import LogWriter
+from .taps.replay import Replayer, parse_replay
 from .upstream import HOP_BY_HOP, Upstream, forwarded_headers, redact
 
 log = logging.getLogger("jupyter_replay_proxy")
@@ -35,7 +40,8 @@ OWN_PREFIX = "replay-proxy/"
 
 CLOSE_MALFORMED = 1007  # RFC 6455: data inconsistent with the message type
 CLOSE_TOO_BIG = 1009
-CLOSE_TRY_AGAIN = 1013
+_SEQ = struct.Struct("<Q")
+_RESTART = re.compile(r"api/kernels/([^/]+)/restart")
 CLOSE_KERNEL_GONE = 1001
 
 
@@ -47,6 +53,8 @@ class ProxySettings:
     link: str = "auto"  # "auto", "zmq" or "websocket"
     max_frame_size: int = 64 * 1024 * 1024
     max_client_queue: int = 100_000
+    max_client_queue_bytes: int = 64 * 1024 * 1024
+    replay_window: float = 24 * 3600
     kernel_poll_interval: float = 1.0
     websocket_link_session_id: str = ""
     allowed_message_types: frozenset[str] = frozenset()  # empty: all, as in jupyter-server
@@ -66,12 +74,19 @@ class AccessLogger(AbstractAccessLogger):
 class ReplayProxy:
     """Wires upstream, relay, links and taps into one aiohttp application."""
 
-    def __init__(self, upstream: Upstream, writer: LogWriter, settings: ProxySettings) -> None:
+    def __init__(
+        self,
+        upstream: Upstream,
+        writer: LogWriter,
+        settings: ProxySettings,
+        connect: Callable[[], sqlite3.Connection],
+    ) -> None:
         self.upstream = upstream
         self.writer = writer
         self.settings = settings
-        self.taps: list[Tap] = [writer]
-        self.relay = Relay(self._make_link, self.taps, writer.next_seq)
+        self.replayer = Replayer(writer, connect, window=settings.replay_window)
+        self.taps: list[Tap] = [writer, self.replayer]
+        self.relay = Relay(self._make_link, self.taps, writer.next_seq, self.replayer.remember)
         self.relay.on_kernel_gone.append(self._close_clients)
         self.zmq_context = zmq.asyncio.Context()
         self._sockets: dict[Client, web.WebSocketResponse] = {}
@@ -105,6 +120,7 @@ class ReplayProxy:
         await self.relay.close()
         await self.upstream.close()
         self.zmq_context.term()
+        self.replayer.close()
         await asyncio.get_running_loop().run_in_executor(None, self.writer.flush)
 
     async def refresh_kernels(self) -> None:
@@ -152,6 +168,10 @@ class ReplayProxy:
         kernel_id = request.match_info["kernel_id"]
         if request.headers.get("Upgrade", "").lower() != "websocket":
             return await self.forward(request)
+        try:
+            replay = parse_replay(request.query["replay"]) if "replay" in request.query else None
+        except ValueError as error:
+            return web.Response(status=400, text=str(error))
         admitted, (_, identity) = await asyncio.gather(
             self.upstream.admit(request, kernel_id), self.upstream.identity(request)
         )
@@ -164,7 +184,7 @@ class ReplayProxy:
             return web.Response(status=502, text=f"cannot link to kernel {kernel_id}")
 
         ws = web.WebSocketResponse(
-            protocols=(V1_SUBPROTOCOL,), max_msg_size=self.settings.max_frame_size, heartbeat=30
+            protocols=(V1_SUBPROTOCOL,), max_msg_size=self.settings.max_frame_size, autoping=False
         )
         await ws.prepare(request)
         client = Client(
@@ -176,12 +196,20 @@ class ReplayProxy:
             identity_json=json.dumps(identity) if identity is not None else None,
             remote=request.remote,
             max_queued=self.settings.max_client_queue,
+            max_queued_bytes=self.settings.max_client_queue_bytes,
+            expose_seq=replay is not None,
         )
+        resumed = await self.replayer.starting_point(client, replay)
+        if not resumed:  # live from here on, told the kernel's current state first
+            client.sent_seq = self.writer.last_seq
+            client.preface = relay.current_state(client)
         self._sockets[client] = ws
         relay.attach(client)
+        relay.confirm_delivery(client, client.sent_seq)
         log.info(
-            "Client %s (%s) joined kernel %s [%s]",
+            "Client %s (%s) joined kernel %s [%s]%s",
             client.client_id[:8], client.username, kernel_id, client.protocol,
+            f", resuming after {client.sent_seq}" if resumed else "",
         )  # fmt: skip
         pump = asyncio.ensure_future(self._pump(client, ws))
         try:
@@ -214,23 +242,26 @@ class ReplayProxy:
                                 message.msg_type)  # fmt: skip
                     continue
                 relay.from_client(client, message)
+            elif frame.type == aiohttp.WSMsgType.PING:
+                await ws.pong(frame.data)
+            elif frame.type == aiohttp.WSMsgType.PONG and len(frame.data) == 8:
+                relay.confirm_delivery(client, _SEQ.unpack(frame.data)[0])
             elif frame.type == aiohttp.WSMsgType.ERROR:
                 log.warning("Client %s: %s", client.client_id[:8], ws.exception())
 
     async def _pump(self, client: Client, ws: web.WebSocketResponse) -> None:
-        async def send(frame: bytes | str) -> None:
+        async def send(message: Message) -> None:
+            frame = (with_seq(message) if client.expose_seq else message).encoded(client.protocol)
             if isinstance(frame, str):
                 await ws.send_str(frame)
             else:
                 await ws.send_bytes(frame)
 
-        try:
-            await client.pump(send)
-        except ClientOverflow as error:
-            log.warning("Client %s: %s; closing it", client.client_id[:8], error)
-            await ws.close(code=CLOSE_TRY_AGAIN, message=b"client too slow: reconnect to resume")
-        except (ConnectionError, RuntimeError):
-            pass  # the websocket closed under us; _receive ends too
+        async def confirm(seq: int) -> None:
+            await ws.ping(_SEQ.pack(seq))  # its pong acknowledges everything sent before
+
+        with contextlib.suppress(ConnectionError, RuntimeError):  # closed under us: _receive ends
+            await client.pump(send, confirm, self.replayer, lambda: self.writer.last_seq)
 
     # --- the proxy's own endpoints ---------------------------------------------------------
 
@@ -260,6 +291,10 @@ class ReplayProxy:
         if request.method == "POST" and request.path.startswith(
             (self.upstream.base_url + "api/kernels", self.upstream.base_url + "api/sessions")
         ):
+            restarted = _RESTART.fullmatch(request.path[len(self.upstream.base_url) :])
+            relay = self.relay.kernels.get(restarted[1]) if restarted else None
+            if relay is not None and response.status == 200:
+                relay.link.resync()  # before any request of the client can reach the kernel
             in_background(self.refresh_kernels())  # link to a new kernel at once
         return response
 

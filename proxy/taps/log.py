@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ..codecs import Message
-from ..relay import Client
+from ..relay import Client, Tap
 
 log = logging.getLogger("jupyter_replay_proxy.log")
 
@@ -36,6 +36,11 @@ INSERT INTO clients (
 ) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
 """
 _CLIENT_LEFT = "UPDATE clients SET disconnected_at = ? WHERE client_id = ?"
+_DELIVERED = """
+INSERT INTO deliveries (kernel_id, session_id, seq, updated_at) VALUES (?, ?, ?, ?)
+ON CONFLICT (kernel_id, session_id)
+DO UPDATE SET seq = max(seq, excluded.seq), updated_at = excluded.updated_at
+"""
 
 
 def _iso(timestamp: float) -> str:
@@ -57,7 +62,7 @@ class LogHealth:
     dropped: int
 
 
-class LogWriter:
+class LogWriter(Tap):
     """Batches log rows to SQLite on a thread of its own. Also a relay tap."""
 
     def __init__(
@@ -95,6 +100,11 @@ class LogWriter:
         self._next_seq = seq + 1
         return seq
 
+    @property
+    def last_seq(self) -> int:
+        """The sequence number of the last message relayed so far."""
+        return self._next_seq - 1
+
     def message_relayed(
         self,
         seq: int,
@@ -111,6 +121,10 @@ class LogWriter:
 
     def client_left(self, client: Client) -> None:
         self._enqueue("l", (client.client_id, time.time()))
+
+    def delivery_confirmed(self, client: Client, seq: int) -> None:
+        if client.session_id is not None:
+            self._enqueue("d", (client.kernel_id, client.session_id, seq, time.time()))
 
     def _enqueue(self, kind: str, item: Any) -> None:
         if len(self._pending) + len(self._unwritten) >= self.max_pending:
@@ -180,7 +194,7 @@ class LogWriter:
         pending = self._pending
         self._unwritten.extend(pending.popleft() for _ in range(len(pending)))
         batch = self._unwritten
-        messages, buffers, clients, left = [], [], [], []
+        messages, buffers, clients, left, delivered = [], [], [], [], []
         for kind, item in batch:
             if kind == "m":
                 seq, kernel_id, direction, message, client, received_at = item
@@ -204,9 +218,12 @@ class LogWriter:
                         item.identity_json, item.protocol, item.remote, _iso(item.connected_at),
                     )
                 )  # fmt: skip
-            else:
+            elif kind == "l":
                 client_id, at = item
                 left.append((_iso(at), client_id))
+            else:
+                kernel_id, session_id, seq, at = item
+                delivered.append((kernel_id, session_id, seq, _iso(at)))
         try:
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")
@@ -215,6 +232,7 @@ class LogWriter:
                 conn.executemany(_INSERT_MESSAGE, messages)
                 conn.executemany(_INSERT_BUFFER, buffers)
                 conn.executemany(_CLIENT_LEFT, left)
+                conn.executemany(_DELIVERED, delivered)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:  # SQLite already rolled back after e.g. SQLITE_FULL
