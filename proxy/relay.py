@@ -122,6 +122,7 @@ class Client:
     expose_seq: bool = False  # a tool that asked for history also learns each message's seq
     preface: list[Message] = field(default_factory=list)  # current state, sent before anything
     closed: bool = False
+    times_behind: int = 0
     _queue: collections.deque[Message] = field(default_factory=collections.deque)
     _queued_bytes: int = 0
     _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
@@ -139,6 +140,7 @@ class Client:
 
     def fall_behind(self) -> None:
         self.behind = True
+        self.times_behind += 1
         self._queue.clear()
         self._queued_bytes = 0
         self._wakeup.set()
@@ -214,6 +216,12 @@ class Client:
             self.sent_seq = message.seq
         if messages:
             await confirm(self.sent_seq)
+
+
+def is_execution_state(status: Message) -> bool:
+    """Whether a status message tells if code runs: jupyter-server's nudges and other control
+    requests make the kernel busy/idle while a cell still runs, so they do not count."""
+    return status.parent_header.get("msg_type", "execute_request") == "execute_request"
 
 
 @dataclass
@@ -299,7 +307,7 @@ class KernelRelay:
         A reply whose requester left is logged as theirs, so their session gets it on replay.
         """
         if message.channel == "iopub":
-            if message.msg_type == "status":
+            if message.msg_type == "status" and is_execution_state(message):
                 self.last_status = message
             self._emit(FROM_KERNEL, message, None)
             for client in self.clients.values():

@@ -4,6 +4,7 @@ and the proxy in front of it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import shutil
@@ -217,9 +218,14 @@ class KernelChannels:
         return self.ws.protocol or "legacy"
 
     async def send(
-        self, channel: str, msg_type: str, content: dict[str, Any], metadata: dict | None = None
+        self,
+        channel: str,
+        msg_type: str,
+        content: dict[str, Any],
+        metadata: dict | None = None,
+        parent: dict | None = None,
     ) -> str:
-        msg = self.session.msg(msg_type, content, metadata=metadata or {})
+        msg = self.session.msg(msg_type, content, parent=parent, metadata=metadata or {})
         parts = [
             self.session.pack(msg[k]) for k in ("header", "parent_header", "metadata", "content")
         ]
@@ -275,6 +281,16 @@ class KernelChannels:
                 reply = message
         return reply, iopub
 
+    def blip(self) -> None:
+        """Drop the TCP connection abruptly, as a network blip or a sleeping laptop does."""
+        self.ws._conn.transport.abort()  # type: ignore[union-attr]
+
+    async def drain(self, quiet: float = 0.5) -> None:
+        """Receive until nothing arrives for `quiet` seconds."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            while True:
+                await self.recv(timeout=quiet)
+
     async def closing(self, timeout: float = 10) -> aiohttp.WSMessage:
         """Read until the proxy closes this websocket; the close frame."""
         while True:
@@ -294,9 +310,12 @@ async def open_channels(
     *,
     protocol: str | None = V1_SUBPROTOCOL,
     session_id: str | None = None,
+    replay: str | None = None,
 ) -> KernelChannels:
     http = aiohttp.ClientSession()
     query = {"session_id": session_id or secrets.token_hex(8)}
+    if replay is not None:
+        query["replay"] = replay
     if token is not None:
         query["token"] = token
     try:

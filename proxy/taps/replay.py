@@ -64,6 +64,15 @@ WHERE kernel_id = :kernel AND msg_type = :msg_type
 ORDER BY seq DESC
 LIMIT 1
 """
+_EXECUTION_STATE = """
+SELECT seq, channel, msg_id, msg_type, parent_msg_id,
+       header, parent_header, metadata, content, buffer_count
+FROM messages
+WHERE kernel_id = :kernel AND msg_type = 'status'
+  AND coalesce(json_extract(parent_header, '$.msg_type'), 'execute_request') = 'execute_request'
+ORDER BY seq DESC
+LIMIT 1
+"""
 _HAS_CHILD = """
 SELECT 1 FROM messages WHERE parent_msg_id = :parent AND msg_type = :msg_type LIMIT 1
 """
@@ -219,7 +228,7 @@ class Replayer(Tap):
             for msg_id, client_id, session_id in conn.execute(_UNANSWERED_REQUESTS, query):
                 ghost = Client(client_id or "", kernel_id, session_id, "", closed=True)
                 memory.requesters[msg_id] = ghost
-            status = conn.execute(_LAST_OF_TYPE, {"kernel": kernel_id, "msg_type": "status"})
+            status = conn.execute(_EXECUTION_STATE, {"kernel": kernel_id})
             memory.last_status = next(iter(self._with_buffers(conn, status.fetchall())), None)
             pending = conn.execute(
                 _LAST_OF_TYPE, {"kernel": kernel_id, "msg_type": "input_request"}

@@ -1,0 +1,190 @@
+"""Replay to reconnecting and late-joining clients, against a real jupyter-server and ipykernel."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+
+import aiohttp
+import pytest
+
+from .conftest import JupyterServer, RunningProxy, make_proxy, open_channels, stream_text
+
+COUNT_SLOWLY = "import time\nfor i in range(10):\n    print(i, flush=True)\n    time.sleep(0.3)"
+EXECUTE = {"silent": False, "store_history": True, "user_expressions": {}, "allow_stdin": False}
+
+
+def lines_of(messages) -> list[str]:  # type: ignore[no-untyped-def]
+    return stream_text([m for m in messages if m.channel == "iopub"]).split()
+
+
+async def test_blip_reconnect_mid_cell_misses_nothing(
+    proxy: RunningProxy, jupyter_server: JupyterServer, kernel_id: str
+) -> None:
+    session = secrets.token_hex(8)
+    first = await open_channels(proxy.url, kernel_id, jupyter_server.token, session_id=session)
+    msg_id = await first.send("shell", "execute_request", {"code": COUNT_SLOWLY, **EXECUTE})
+    while lines_of(first.received) != ["0", "1"]:
+        await first.recv()
+    # A browser answers the proxy's ping as soon as it reads it; then the network drops.
+    # (A blip inside that round trip makes the messages of the round trip arrive twice.)
+    await first.drain(quiet=0.1)
+    first.blip()
+    await first.http.close()
+    await asyncio.sleep(1.0)  # the cell goes on printing meanwhile
+    second = await open_channels(proxy.url, kernel_id, jupyter_server.token, session_id=session)
+    try:
+        reply, _ = await second.collect(msg_id)
+        assert reply.content()["status"] == "ok"
+        mine = [m for m in second.received if m.parent_msg_id == msg_id]
+        assert lines_of(first.received) + lines_of(mine) == [str(i) for i in range(10)]
+    finally:
+        await second.close()
+
+
+async def test_late_joiner_sees_a_busy_kernel_at_once(
+    zmq_proxy: RunningProxy, jupyter_server: JupyterServer, kernel_id: str
+) -> None:
+    runner = await open_channels(zmq_proxy.url, kernel_id, jupyter_server.token)
+    try:
+        msg_id = await runner.send(
+            "shell", "execute_request", {"code": "import time; time.sleep(4)", **EXECUTE}
+        )
+        await asyncio.sleep(1.0)
+        started = time.monotonic()
+        late = await open_channels(zmq_proxy.url, kernel_id, jupyter_server.token)
+        try:
+            first = await late.recv(timeout=5)
+            waited = time.monotonic() - started
+            assert first.msg_type == "status"
+            assert first.content()["execution_state"] == "busy"
+            assert first.parent_msg_id == msg_id
+            assert waited < 1.0
+        finally:
+            await late.close()
+        await runner.collect(msg_id)
+    finally:
+        await runner.close()
+
+
+async def test_pending_input_is_answered_by_a_late_joiner(
+    proxy: RunningProxy, jupyter_server: JupyterServer, kernel_id: str
+) -> None:
+    asker = await open_channels(proxy.url, kernel_id, jupyter_server.token)
+    code = "name = input('name? ')\nprint('hello', name)"
+    msg_id = await asker.send(
+        "shell", "execute_request", {"code": code, **EXECUTE, "allow_stdin": True}
+    )
+    while not any(m.msg_type == "input_request" for m in asker.received):
+        await asker.recv()
+    await asker.close()  # the requester is gone, the kernel still waits
+
+    helper = await open_channels(proxy.url, kernel_id, jupyter_server.token)
+    try:
+        request = None
+        while request is None:
+            message = await helper.recv(timeout=10)
+            if message.msg_type == "input_request":
+                request = message
+        assert request.content()["prompt"] == "name? "
+        await helper.send("stdin", "input_reply", {"value": "ada"}, parent=request.header)
+        while "hello ada" not in stream_text(
+            [m for m in helper.received if m.parent_msg_id == msg_id]
+        ):
+            await helper.recv(timeout=10)
+    finally:
+        await helper.close()
+
+
+async def test_replay_query_variants(
+    zmq_proxy: RunningProxy, jupyter_server: JupyterServer, kernel_id: str
+) -> None:
+    runner = await open_channels(zmq_proxy.url, kernel_id, jupyter_server.token)
+    first_id, _, first_iopub = await runner.execute("print('first')")
+    second_id, _, _ = await runner.execute("print('second')")
+    await runner.close()
+
+    def seq(message) -> int:  # type: ignore[no-untyped-def]
+        return json.loads(message.parts[2])["replay_proxy_seq"]
+
+    async def history(replay: str) -> list:  # type: ignore[type-arg]
+        """What a tool gets before live traffic (live traffic follows: cut it off)."""
+        boundary = zmq_proxy.writer.last_seq
+        tool = await open_channels(zmq_proxy.url, kernel_id, jupyter_server.token, replay=replay)
+        try:
+            await tool.drain()
+        finally:
+            await tool.close()
+        seqs = [seq(m) for m in tool.received]
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)  # in order, once
+        return [m for m in tool.received if seq(m) <= boundary]
+
+    everything = await history("all")
+    assert "first\n" in stream_text(everything) and "second\n" in stream_text(everything)
+    # iopub is everyone's; replies stay with the session that asked (the runner's).
+    assert [m.msg_type for m in everything if m.parent_msg_id == first_id] == [
+        m.msg_type for m in first_iopub
+    ]
+    assert second_id in {m.parent_msg_id for m in everything}
+
+    idle = next(
+        m for m in everything
+        if m.parent_msg_id == first_id and m.msg_type == "status"
+        and m.content()["execution_state"] == "idle"
+    )  # fmt: skip
+    since = await history(f"since:{seq(idle)}")
+    assert stream_text(since) == "second\n"
+    assert all(seq(m) > seq(idle) for m in since)
+
+    boundary = zmq_proxy.writer.last_seq
+    last = await history("last:2")
+    expected = zmq_proxy.db().execute(
+        "SELECT seq FROM messages WHERE kernel_id = ? AND direction = 'from_kernel' "
+        "AND channel = 'iopub' AND seq <= ? ORDER BY seq DESC LIMIT 2",
+        (kernel_id, boundary),
+    )
+    assert [seq(m) for m in last] == sorted(row[0] for row in expected)
+
+    parent = await history(f"parent:{first_id}")
+    assert {m.parent_msg_id for m in parent} == {first_id}
+    assert [m.msg_type for m in parent if m.channel == "iopub"] == [m.msg_type for m in first_iopub]
+
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await open_channels(zmq_proxy.url, kernel_id, jupyter_server.token, replay="yesterday")
+    assert refused.value.status == 400
+
+
+async def test_a_stalled_client_neither_slows_others_nor_loses_anything(
+    aiohttp_server, jupyter_server: JupyterServer, kernel_id: str, tmp_path
+) -> None:
+    running = await make_proxy(
+        aiohttp_server, jupyter_server.url, jupyter_server.token, jupyter_server.runtime_dir,
+        tmp_path / "log.sqlite", link="zmq", max_client_queue=200,
+        max_client_queue_bytes=64 * 1024,
+    )  # fmt: skip
+    stalled = await open_channels(running.url, kernel_id, jupyter_server.token)
+    reader = await open_channels(running.url, kernel_id, jupyter_server.token)
+    lines = 20_000
+    try:
+        msg_id, reply, iopub = await reader.execute(
+            f"for i in range({lines}):\n    print(i, 'x' * 100, flush=True)", timeout=120
+        )
+        assert reply.content()["status"] == "ok"
+        assert len(stream_text(iopub).splitlines()) == lines
+        behind = [c for c in running.proxy.relay.kernels[kernel_id].clients.values()]
+        assert any(c.times_behind > 0 for c in behind), "the stalled client never fell behind"
+        # Now it reads: everything, in order, once.
+        while not any(
+            m.msg_type == "status" and m.parent_msg_id == msg_id
+            and m.content()["execution_state"] == "idle"
+            for m in stalled.received
+        ):  # fmt: skip
+            await stalled.recv(timeout=30)
+        printed = stream_text([m for m in stalled.received if m.parent_msg_id == msg_id])
+        assert [line.split()[0] for line in printed.splitlines()] == [str(i) for i in range(lines)]
+    finally:
+        await stalled.close()
+        await reader.close()
+        running.writer.close()
