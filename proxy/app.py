@@ -147,6 +147,7 @@ class ProxyApp(JupyterApp):
             kernel_poll_interval=self.kernel_poll_interval,
             websocket_link_session_id=session_id,
             allowed_message_types=frozenset(self.allowed_message_types),
+            link_namespace=str(Path(self.db).resolve()),
         )
 
     async def run_proxy(self, upstream: Upstream, stop: asyncio.Event, lab_url: str = "") -> None:

@@ -17,7 +17,6 @@ import collections
 import contextlib
 import json
 import logging
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ log = logging.getLogger("jupyter_replay_proxy.links")
 
 _SERVER_STATES = (b'"restarting"', b'"autorestarting"', b'"dead"')
 _BACKOFF_MAX = 5.0
+_JOIN_WAIT = 2.0  # seconds zmq output waits for the presence to hand over jupyter-server's buffer
 
 
 def connection_file(runtime_dir: Path, kernel_id: str) -> Path:
@@ -50,36 +50,55 @@ def connection_file(runtime_dir: Path, kernel_id: str) -> Path:
     return runtime_dir / f"kernel-{kernel_id}.json"
 
 
-class _Presence:
-    """A channels websocket held open on jupyter-server while frontends are attached."""
+def is_server_state(message: Message) -> bool:
+    """A status only jupyter-server makes: the kernel was restarted, or is dead."""
+    return message.msg_type == "status" and message.content().get("execution_state") in (
+        "restarting", "autorestarting", "dead",
+    )  # fmt: skip
 
-    def __init__(
-        self,
-        upstream: Upstream,
-        kernel_id: str,
-        deliver: Callable[[Message], None],
-        restarted: Callable[[], None],
-    ) -> None:
+
+class _RecentIds:
+    """The msg_ids a link delivered lately, so a message arriving twice is relayed once."""
+
+    def __init__(self, size: int = 100_000) -> None:
+        self._order: collections.deque[str] = collections.deque()
+        self._ids: set[str] = set()
+        self.size = size
+
+    def first_time(self, msg_id: str) -> bool:
+        if msg_id in self._ids:
+            return False
+        self._ids.add(msg_id)
+        self._order.append(msg_id)
+        if len(self._order) > self.size:
+            self._ids.discard(self._order.popleft())
+        return True
+
+
+class _Presence:
+    """The zmq link's channels websocket on jupyter-server, held for as long as the link.
+
+    It makes jupyter-server count the kernel as connected and pass on the statuses only it
+    makes (restarting, dead). Its session_id is the same on every start of the proxy, so when
+    the proxy was killed, jupyter-server buffered what the kernel said meanwhile and hands it
+    over on reconnect: for a while after each connect (the *gap fill*) every iopub message the
+    zmq link has not relayed is relayed from here.
+    """
+
+    def __init__(self, upstream: Upstream, link: ZmqLink, session_id: str) -> None:
         self.upstream = upstream
-        self.kernel_id = kernel_id
-        self.deliver = deliver
-        self.restarted = restarted
+        self.link = link
+        self.session_id = session_id
         self.task: asyncio.Task[None] | None = None
 
-    def hold(self, wanted: bool) -> None:
-        if wanted and self.task is None:
-            self.task = asyncio.ensure_future(self._run())
-        elif not wanted and self.task is not None:
-            self.task.cancel()
-            self.task = None
+    def start(self) -> None:
+        self.task = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:
         delay = 0.25
         while True:
             try:
-                ws = await self.upstream.channels_websocket(
-                    self.kernel_id, f"replay-proxy-presence-{uuid.uuid4().hex}"
-                )
+                ws = await self.upstream.channels_websocket(self.link.kernel_id, self.session_id)
             except aiohttp.WSServerHandshakeError as error:
                 if error.status == 404:
                     return
@@ -89,24 +108,29 @@ class _Presence:
                 delay = 0.25
                 async with ws:
                     async for frame in ws:
-                        if frame.type == aiohttp.WSMsgType.BINARY:
-                            self._pick_server_status(frame.data)
+                        if frame.type != aiohttp.WSMsgType.BINARY:
+                            continue
+                        if not self.link.joined:
+                            self._fill_gap(frame.data)
+                        elif b'"status"' in frame.data and any(
+                            state in frame.data for state in _SERVER_STATES
+                        ):  # everything else reaches the proxy over zmq: skip it cheaply
+                            self._server_status(frame.data)
             await asyncio.sleep(delay)
             delay = min(delay * 2, _BACKOFF_MAX)
 
-    def _pick_server_status(self, frame: bytes) -> None:
-        # Everything else on this socket also reaches the proxy over zmq: skip it cheaply.
-        if b'"status"' not in frame or not any(state in frame for state in _SERVER_STATES):
-            return
-        try:
+    def _fill_gap(self, frame: bytes) -> None:
+        with contextlib.suppress(FrameError):
             message = decode_v1(frame, allowed_channels=KERNEL_CHANNELS, validate_body=False)
-        except FrameError:
-            return
-        if message.channel == "iopub" and message.msg_type == "status":
-            state = message.content().get("execution_state")
-            if state in ("restarting", "autorestarting", "dead"):
-                self.deliver(message)
-                self.restarted()
+            if message.channel == "iopub":
+                self.link.from_presence(message)
+
+    def _server_status(self, frame: bytes) -> None:
+        with contextlib.suppress(FrameError):
+            message = decode_v1(frame, allowed_channels=KERNEL_CHANNELS, validate_body=False)
+            if message.channel == "iopub" and is_server_state(message):
+                self.link.deliver(message)
+                self.link.resync()
 
     async def close(self) -> None:
         task, self.task = self.task, None
@@ -129,6 +153,7 @@ class ZmqLink:
         deliver: Callable[[Message], None],
         gone: Callable[[str], None],
         context: zmq.asyncio.Context,
+        stable_id: str,
     ) -> None:
         self.kernel_id = kernel_id
         self.deliver = deliver
@@ -136,7 +161,10 @@ class ZmqLink:
         client = AsyncKernelClient(context=context)
         client.load_connection_info(info)
         self.session: Session = client.session
-        identity = self.session.bsession  # shell and stdin share it: input_request needs that
+        # The same identity on every start of the proxy: replies to requests sent before a
+        # restart reach the new sockets. Shell and stdin share it, as input_request needs.
+        self.session.session = stable_id
+        identity = self.session.bsession
         self.sockets: dict[str, zmq.asyncio.Socket] = {
             "shell": client.connect_shell(identity=identity),
             "control": client.connect_control(identity=identity),
@@ -147,7 +175,13 @@ class ZmqLink:
         self._iopub_flowing = asyncio.Event()
         self._held: list[Message] = []  # client messages sent before iopub was flowing
         self._nudges: set[str] = set()
-        self.presence = _Presence(upstream, kernel_id, deliver, self.resync)
+        self.recent = _RecentIds()
+        # Until `joined`, iopub from zmq waits in `_early` while the presence relays what
+        # jupyter-server buffered; once the presence reaches zmq's first message, zmq goes on.
+        self.joined = False
+        self._early: list[Message] = []
+        self._early_ids: set[str] = set()
+        self.presence = _Presence(upstream, self, f"replay-proxy-{stable_id}")
 
     @staticmethod
     def _unbounded_subscriber(
@@ -170,6 +204,7 @@ class ZmqLink:
         return cls(args[0], json.loads(path.read_text()), *args[1:])
 
     async def start(self) -> None:
+        self.presence.start()
         for channel, socket in self.sockets.items():
             self._readers.append(asyncio.ensure_future(self._read(channel, socket)))
         await self._nudge()
@@ -213,10 +248,37 @@ class ZmqLink:
                 continue
             if channel == "iopub":
                 self._iopub_flowing.set()
+                if not self.joined:
+                    self._hold_early(message)
+                    continue
+                if not self.recent.first_time(message.msg_id):
+                    continue
             elif message.parent_msg_id in self._nudges:
                 self._nudges.discard(message.parent_msg_id)
                 continue
             self.deliver(message)
+
+    def _hold_early(self, message: Message) -> None:
+        self._early.append(message)
+        self._early_ids.add(message.msg_id)
+        if len(self._early) == 1:
+            asyncio.get_running_loop().call_later(_JOIN_WAIT, self._join)
+
+    def from_presence(self, message: Message) -> None:
+        """Gap fill: what jupyter-server buffered for the presence while the proxy was down."""
+        if message.msg_id in self._early_ids:
+            self._join()  # the presence caught up with zmq: all before it has been relayed
+        elif self.recent.first_time(message.msg_id):
+            self.deliver(message)
+
+    def _join(self) -> None:
+        if self.joined:
+            return
+        self.joined = True
+        early, self._early, self._early_ids = self._early, [], set()
+        for message in early:
+            if self.recent.first_time(message.msg_id):
+                self.deliver(message)
 
     def resync(self) -> None:
         """After a restart: hold client messages until the new kernel's iopub reaches us.
@@ -235,7 +297,7 @@ class ZmqLink:
         self.session.send_raw(self.sockets[message.channel], message.parts)
 
     def set_clients_attached(self, count: int) -> None:
-        self.presence.hold(count > 0)
+        """The presence is held for as long as the link, clients or not."""
 
     async def close(self) -> None:
         await self.presence.close()

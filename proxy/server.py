@@ -58,6 +58,7 @@ class ProxySettings:
     kernel_poll_interval: float = 1.0
     websocket_link_session_id: str = ""
     allowed_message_types: frozenset[str] = frozenset()  # empty: all, as in jupyter-server
+    link_namespace: str = "replay-proxy"  # the log's path: stable ids per (log, kernel)
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -145,8 +146,11 @@ class ReplayProxy:
         path = connection_file(self.settings.runtime_dir, kernel_id)
         if self.settings.link != "websocket":
             try:
+                stable_id = uuid.uuid5(
+                    uuid.NAMESPACE_URL, f"{self.settings.link_namespace}/{kernel_id}"
+                )
                 return ZmqLink.from_file(
-                    path, kernel_id, self.upstream, deliver, gone, self.zmq_context
+                    path, kernel_id, self.upstream, deliver, gone, self.zmq_context, str(stable_id)
                 )
             except (OSError, ValueError, KeyError) as error:
                 if self.settings.link == "zmq":

@@ -169,7 +169,12 @@ async def make_proxy(
     proxy = ReplayProxy(
         Upstream(upstream_url, token),
         writer,
-        ProxySettings(runtime_dir=runtime_dir, websocket_link_session_id="test-link", **settings),
+        ProxySettings(
+            runtime_dir=runtime_dir,
+            websocket_link_session_id="test-link",
+            link_namespace=str(db_path),
+            **settings,
+        ),
         lambda: connect(db_path),
     )
     test_server = await aiohttp_server(proxy.make_app())

@@ -224,9 +224,12 @@ async def test_lossless_over_jupyter_servers_rate_limit(
     assert logged.split() == [str(i) for i in range(lines)]
 
 
-async def test_presence_makes_jupyter_server_count_the_connection(
+async def test_jupyter_server_counts_a_followed_kernel_as_connected(
     zmq_proxy: RunningProxy, jupyter_server: JupyterServer, kernel_id: str
 ) -> None:
+    """The zmq link's presence is a channels connection of jupyter-server's own (its culler
+    and `connections` count see it), held for as long as the proxy follows the kernel."""
+
     async def connections() -> int:
         async with (
             aiohttp.ClientSession(headers=jupyter_server.headers()) as http,
@@ -234,17 +237,14 @@ async def test_presence_makes_jupyter_server_count_the_connection(
         ):
             return (await resp.json())["connections"]
 
-    await zmq_proxy.proxy.refresh_kernels()
     assert await connections() == 0
-    client = await open_channels(zmq_proxy.url, kernel_id, jupyter_server.token)
-    try:
-        for _ in range(50):
-            if await connections() >= 1:
-                break
-            await asyncio.sleep(0.1)
-        assert await connections() == 1
-    finally:
-        await client.close()
+    await zmq_proxy.proxy.refresh_kernels()
+    for _ in range(50):
+        if await connections() == 1:
+            break
+        await asyncio.sleep(0.1)
+    assert await connections() == 1
+    await zmq_proxy.proxy.relay.drop(kernel_id)
     for _ in range(50):
         if await connections() == 0:
             break
