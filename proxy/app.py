@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import secrets
 import signal
@@ -89,13 +90,13 @@ class ProxyApp(JupyterApp):
         help="Largest websocket frame (bytes) a client may send; larger ones close its socket.",
     )
     max_client_queue = Integer(
-        100_000,
+        10_000,
         config=True,
         help="Messages queued for one client before it counts as behind and reads from the log "
         "instead, until it has caught up.",
     )
     max_client_queue_bytes = Integer(
-        64 * 1024 * 1024, config=True, help="The same bound, in bytes of queued messages."
+        8 * 1024 * 1024, config=True, help="The same bound, in bytes of queued messages."
     )
     replay_window = Float(
         24 * 3600.0,
@@ -152,6 +153,9 @@ class ProxyApp(JupyterApp):
 
     async def run_proxy(self, upstream: Upstream, stop: asyncio.Event, lab_url: str = "") -> None:
         """Serve until `stop` is set; the log is flushed before returning."""
+        modules = logging.getLogger("jupyter_replay_proxy")  # the proxy's modules log as the app
+        modules.handlers, modules.propagate = self.log.handlers, False
+        modules.setLevel(self.log_level)
         session_id = uuid.uuid4().hex
         try:
             conn = open_database(self.db)

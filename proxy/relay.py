@@ -91,8 +91,8 @@ class Backlog(Protocol):
 
 #: A catch-up reads the log this many messages at a time, so a stalled client costs no more.
 CATCH_UP_CHUNK = 5000
-#: A live batch at least this long means the client fell behind: coalesce its streams.
-COALESCE_FROM = 8
+#: Seconds between two stream frames to one client (a browser renders ~1,000 frames a second).
+STREAM_FRAME_INTERVAL = 0.005
 
 
 @dataclass(eq=False)
@@ -113,8 +113,8 @@ class Client:
     identity_json: str | None = None
     remote: str | None = None
     connected_at: float = field(default_factory=time.time)
-    max_queued: int = 100_000
-    max_queued_bytes: int = 64 * 1024 * 1024
+    max_queued: int = 10_000
+    max_queued_bytes: int = 8 * 1024 * 1024
     sent_seq: int = 0
     confirmed_seq: int = 0
     behind: bool = False
@@ -164,6 +164,8 @@ class Client:
         for message in self.preface:
             await send(message)
         self.preface = []
+        loop = asyncio.get_running_loop()
+        last_stream = 0.0
         while not self.closed:
             if self.behind:
                 await self._catch_up(send, confirm, backlog, last_seq)
@@ -172,10 +174,17 @@ class Client:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            if self._queue[0].msg_type == "stream":
+                # A cell printing as fast as it can would send a frame per line: at most one
+                # stream frame per interval, the lines of the interval merged into it.
+                wait = last_stream + STREAM_FRAME_INTERVAL - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                last_stream = loop.time()
             batch = list(self._queue)
             self._queue.clear()
             self._queued_bytes = 0
-            if len(batch) >= COALESCE_FROM:
+            if len(batch) > 1:
                 batch = coalesce_streams(batch)
             for message in batch:
                 await send(message)
@@ -190,20 +199,20 @@ class Client:
         last_seq: Callable[[], int],
     ) -> None:
         parent, self.replay_parent = self.replay_parent, None
-        while not self.closed:  # read committed history a chunk at a time
-            chunk = await backlog.history(self, self.sent_seq, None, CATCH_UP_CHUNK, parent)
+        upto: int | None = None  # first what is committed, then up to the switch
+        while not self.closed:
+            chunk = await backlog.history(self, self.sent_seq, upto, CATCH_UP_CHUNK, parent)
             await self._send_history(chunk, send, confirm)
-            if len(chunk) < CATCH_UP_CHUNK:
-                break
-        # Rejoin live: queue again from now on, so everything after `boundary` arrives live;
-        # once all up to `boundary` is committed, send that last stretch from the log.
-        self.behind = False
-        boundary = last_seq()
-        await backlog.settle()
-        await self._send_history(
-            await backlog.history(self, self.sent_seq, boundary, None, parent), send, confirm
-        )
-        self.sent_seq = max(self.sent_seq, boundary)
+            if len(chunk) == CATCH_UP_CHUNK:
+                continue
+            if upto is not None:
+                self.sent_seq = max(self.sent_seq, upto)
+                return
+            # Rejoin live: queue again from now on, so everything after `upto` arrives live;
+            # once all up to `upto` is committed, send that last stretch from the log.
+            self.behind = False
+            upto = last_seq()
+            await backlog.settle()
 
     async def _send_history(
         self,

@@ -52,13 +52,24 @@ class ProxySettings:
     runtime_dir: Path
     link: str = "auto"  # "auto", "zmq" or "websocket"
     max_frame_size: int = 64 * 1024 * 1024
-    max_client_queue: int = 100_000
-    max_client_queue_bytes: int = 64 * 1024 * 1024
+    max_client_queue: int = 10_000
+    max_client_queue_bytes: int = 8 * 1024 * 1024
     replay_window: float = 24 * 3600
     kernel_poll_interval: float = 1.0
     websocket_link_session_id: str = ""
     allowed_message_types: frozenset[str] = frozenset()  # empty: all, as in jupyter-server
     link_namespace: str = "replay-proxy"  # the log's path: stable ids per (log, kernel)
+
+
+async def _close(ws: web.WebSocketResponse, code: int, reason: str) -> None:
+    """Close a client's websocket, not waiting long: one that stopped reading never answers,
+    and its connection, with unsent data, would never finish closing: abort it."""
+    try:
+        await asyncio.wait_for(ws.close(code=code, message=reason.encode()), 2)
+    except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+        transport = ws._req.transport if ws._req is not None else None
+        if transport is not None:
+            transport.abort()
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -112,8 +123,12 @@ class ReplayProxy:
         self._poller = asyncio.ensure_future(self._follow_kernels())
 
     async def _shutdown(self, app: web.Application) -> None:
-        for ws in list(self._sockets.values()):
-            await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"proxy shutting down")
+        await asyncio.gather(
+            *(
+                _close(ws, aiohttp.WSCloseCode.GOING_AWAY, "proxy shutting down")
+                for ws in list(self._sockets.values())
+            )
+        )
 
     async def _cleanup(self, app: web.Application) -> None:
         if self._poller is not None:
@@ -161,10 +176,10 @@ class ReplayProxy:
         )
 
     async def _close_clients(self, relay: KernelRelay) -> None:
-        for client in list(relay.clients.values()):
-            ws = self._sockets.get(client)
-            if ws is not None:
-                await ws.close(code=CLOSE_KERNEL_GONE, message=b"kernel shut down")
+        sockets = [self._sockets.get(client) for client in list(relay.clients.values())]
+        await asyncio.gather(
+            *(_close(ws, CLOSE_KERNEL_GONE, "kernel shut down") for ws in sockets if ws is not None)
+        )
 
     # --- kernel channels -------------------------------------------------------------------
 
@@ -277,11 +292,20 @@ class ReplayProxy:
             {"id": kid, "link": relay.link.kind, "clients": len(relay.clients)}
             for kid, relay in self.relay.kernels.items()
         ]
+        clients = [
+            {
+                "kernel": client.kernel_id, "user": client.username, "protocol": client.protocol,
+                "sent_seq": client.sent_seq, "confirmed_seq": client.confirmed_seq,
+                "behind": client.behind, "times_behind": client.times_behind,
+            }
+            for relay in self.relay.kernels.values() for client in relay.clients.values()
+        ]  # fmt: skip
         return web.json_response(
             {
                 "version": __version__,
                 "upstream": {"url": str(self.upstream), "error": self.upstream_error},
                 "kernels": kernels,
+                "clients": clients,
                 "log": asdict(self.writer.health()),
             }
         )

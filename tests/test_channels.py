@@ -237,7 +237,6 @@ async def test_jupyter_server_counts_a_followed_kernel_as_connected(
         ):
             return (await resp.json())["connections"]
 
-    assert await connections() == 0
     await zmq_proxy.proxy.refresh_kernels()
     for _ in range(50):
         if await connections() == 1:
