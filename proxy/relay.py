@@ -278,7 +278,9 @@ class KernelRelay:
         self.link.set_clients_attached(len(self.clients))
 
     def confirm_delivery(self, client: Client, seq: int) -> None:
-        """The client acknowledged everything meant for it up to `seq`."""
+        """The client acknowledged everything meant for it up to `seq` (or, on joining, that
+        it starts there: then even 0 is recorded, so a session that saw nothing resumes)."""
+        seq = min(seq, client.sent_seq)  # a pong can claim no more than was sent
         if seq > client.confirmed_seq or seq == client.sent_seq:
             client.confirmed_seq = max(client.confirmed_seq, seq)
             for tap in self.taps:

@@ -225,10 +225,16 @@ async def test_lossless_over_jupyter_servers_rate_limit(
 
 
 async def test_jupyter_server_counts_a_followed_kernel_as_connected(
-    zmq_proxy: RunningProxy, jupyter_server: JupyterServer, kernel_id: str
+    aiohttp_server, jupyter_server: JupyterServer, kernel_id: str, tmp_path
 ) -> None:
     """The zmq link's presence is a channels connection of jupyter-server's own (its culler
     and `connections` count see it), held for as long as the proxy follows the kernel."""
+    from .conftest import make_proxy
+
+    zmq_proxy = await make_proxy(
+        aiohttp_server, jupyter_server.url, jupyter_server.token, jupyter_server.runtime_dir,
+        tmp_path / "log.sqlite", link="zmq", kernel_poll_interval=3600,
+    )  # fmt: skip
 
     async def connections() -> int:
         async with (
@@ -249,6 +255,7 @@ async def test_jupyter_server_counts_a_followed_kernel_as_connected(
             break
         await asyncio.sleep(0.1)
     assert await connections() == 0
+    zmq_proxy.writer.close()
 
 
 async def test_disallowed_message_types_are_dropped_like_jupyter_server_does(

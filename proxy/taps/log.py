@@ -43,8 +43,24 @@ DO UPDATE SET seq = max(seq, excluded.seq), updated_at = excluded.updated_at
 """
 
 
-def _iso(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat()
+class _IsoClock:
+    """UTC ISO 8601 times for many timestamps of the same second, formatted once a second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, timestamp: float) -> str:
+        second = int(timestamp)
+        if second != self._second:
+            self._second = second
+            self._prefix = datetime.fromtimestamp(second, timezone.utc).strftime(
+                "%Y-%m-%dT%H:%M:%S"
+            )
+        return f"{self._prefix}.{int((timestamp - second) * 1e6):06d}+00:00"
+
+
+_iso = _IsoClock()
 
 
 def _text(raw: bytes) -> str:
@@ -114,7 +130,18 @@ class LogWriter(Tap):
         client: Client | None,
         received_at: float,
     ) -> None:
-        self._enqueue("m", (seq, kernel_id, direction, message, client, received_at))
+        # Only what the row needs: not the message, whose cached frames would double the
+        # memory a backlog takes when the database falls behind a flood.
+        header = message.header
+        self._enqueue(
+            "m",
+            (
+                seq, kernel_id, direction, message.channel, message.parts, header.get("msg_id"),
+                message.parent_header.get("msg_id"), header.get("msg_type"),
+                header.get("session"), header.get("username"), header.get("date"),
+                client.client_id if client else None, received_at,
+            ),
+        )  # fmt: skip
 
     def client_joined(self, client: Client) -> None:
         self._enqueue("c", client)
@@ -197,17 +224,15 @@ class LogWriter(Tap):
         messages, buffers, clients, left, delivered = [], [], [], [], []
         for kind, item in batch:
             if kind == "m":
-                seq, kernel_id, direction, message, client, received_at = item
-                header, parent = message.header, message.parent_header
-                parts = message.parts
+                (
+                    seq, kernel_id, direction, channel, parts, msg_id, parent_id, msg_type,
+                    session, username, date, client_id, received_at,
+                ) = item  # fmt: skip
                 messages.append(
                     (
-                        seq, kernel_id, message.channel, direction, header.get("msg_id"),
-                        parent.get("msg_id"), header.get("msg_type"), header.get("session"),
-                        header.get("username"), client.client_id if client else None,
-                        str(header.get("date") or "") or None, _iso(received_at),
-                        _text(parts[0]), _text(parts[1]), _text(parts[2]), _text(parts[3]),
-                        len(parts) - 4,
+                        seq, kernel_id, channel, direction, msg_id, parent_id, msg_type, session,
+                        username, client_id, date, _iso(received_at), _text(parts[0]),
+                        _text(parts[1]), _text(parts[2]), _text(parts[3]), len(parts) - 4,
                     )
                 )  # fmt: skip
                 buffers.extend((seq, i, bytes(b)) for i, b in enumerate(parts[4:]))
