@@ -90,6 +90,7 @@ class _Presence:
         self.link = link
         self.session_id = session_id
         self.task: asyncio.Task[None] | None = None
+        self.tried = asyncio.Event()  # set after the first connection attempt
 
     def start(self) -> None:
         self.task = asyncio.ensure_future(self._run())
@@ -101,10 +102,12 @@ class _Presence:
                 ws = await self.upstream.channels_websocket(self.link.kernel_id, self.session_id)
             except aiohttp.WSServerHandshakeError as error:
                 if error.status == 404:
+                    self.tried.set()
                     return
             except aiohttp.ClientError:
                 pass
             else:
+                self.tried.set()
                 delay = 0.25
                 async with ws:
                     async for frame in ws:
@@ -205,6 +208,8 @@ class ZmqLink:
 
     async def start(self) -> None:
         self.presence.start()
+        with contextlib.suppress(asyncio.TimeoutError):  # before anyone else's connection
+            await asyncio.wait_for(self.presence.tried.wait(), 5)
         for channel, socket in self.sockets.items():
             self._readers.append(asyncio.ensure_future(self._read(channel, socket)))
         await self._nudge()

@@ -191,15 +191,22 @@ class ReplayProxy:
             replay = parse_replay(request.query["replay"]) if "replay" in request.query else None
         except ValueError as error:
             return web.Response(status=400, text=str(error))
+        try:
+            if kernel_id not in self.relay.kernels and await self.upstream.has_kernel(kernel_id):
+                # Link first: jupyter-server drops the buffer it kept for the link's session
+                # (the downtime of a restarted proxy) as soon as any other session connects,
+                # and the admission probe below is one.
+                await self.relay.kernel(kernel_id)
+        except Exception as error:
+            log.error("Kernel %s: cannot link to it: %s", kernel_id, error)
+            return web.Response(status=502, text=f"cannot link to kernel {kernel_id}")
         admitted, (_, identity) = await asyncio.gather(
             self.upstream.admit(request, kernel_id), self.upstream.identity(request)
         )
         if admitted != 101:
             return web.Response(status=admitted, text=f"jupyter-server refused: {admitted}")
-        try:
-            relay = await self.relay.kernel(kernel_id)
-        except Exception as error:
-            log.error("Kernel %s: cannot link to it: %s", kernel_id, error)
+        relay = self.relay.kernels.get(kernel_id)
+        if relay is None:
             return web.Response(status=502, text=f"cannot link to kernel {kernel_id}")
 
         ws = web.WebSocketResponse(

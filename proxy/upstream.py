@@ -90,6 +90,11 @@ class Upstream:
             resp.raise_for_status()
             return [kernel["id"] for kernel in await resp.json()]
 
+    async def has_kernel(self, kernel_id: str) -> bool:
+        url = self.api(f"api/kernels/{kernel_id}")
+        async with self.http.get(url, headers=self.own_headers()) as resp:
+            return resp.status == 200
+
     async def channels_websocket(
         self, kernel_id: str, session_id: str
     ) -> aiohttp.ClientWebSocketResponse:

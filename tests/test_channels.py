@@ -250,7 +250,7 @@ async def test_jupyter_server_counts_a_followed_kernel_as_connected(
         await asyncio.sleep(0.1)
     assert await connections() == 1
     await zmq_proxy.proxy.relay.drop(kernel_id)
-    for _ in range(50):
+    for _ in range(150):
         if await connections() == 0:
             break
         await asyncio.sleep(0.1)

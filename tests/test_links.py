@@ -74,7 +74,7 @@ async def test_restart_through_the_proxy(
                 http.post(zmq_proxy.url + f"api/kernels/{kernel_id}/restart") as resp,
             ):
                 assert resp.status == 200
-            _, _reply, iopub = await client.execute("print('x' in dir())", timeout=20)
+            _, _, iopub = await client.execute("print('x' in dir())", timeout=60)
             assert stream_text(iopub) == "False\n"
     finally:
         await client.close()
