@@ -71,6 +71,7 @@ def start_jupyter_server(tmp: Path, *extra_args: str) -> JupyterServer:
         "JUPYTER_RUNTIME_DIR": str(runtime),
         "JUPYTER_CONFIG_DIR": str(tmp / "config"),
         "JUPYTER_DATA_DIR": str(tmp / "data"),
+        "PYDEVD_DISABLE_FILE_VALIDATION": "1",  # ipykernel's debugger warns on stderr otherwise
     }
     log_path = tmp / "jupyter-server.log"
     process = subprocess.Popen(
