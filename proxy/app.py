@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -27,6 +28,7 @@ from jupyter_core.paths import jupyter_runtime_dir
 from traitlets import Bool, Enum, Float, Integer, List, Unicode, default
 
 from . import __version__
+from .audit import parse_duration
 from .database import (
     NewerSchemaError,
     SchemaError,
@@ -35,14 +37,15 @@ from .database import (
     migrate,
     open_database,
 )
+from .retention import Policy, parse_size
 from .server import AccessLogger, ProxySettings, ReplayProxy
-from .taps.log import LogWriter
+from .taps.log import LogWriter, Redactor
 from .upstream import Upstream, redact
 
 _common_aliases = {
     "ip": "ProxyApp.ip",
     "port": "ProxyApp.port",
-    "db": "ProxyApp.db",
+    "db": "DatabaseApp.db",
     "link": "ProxyApp.link",
     "log-level": "Application.log_level",
     "config": "JupyterApp.config_file",
@@ -64,20 +67,31 @@ def proxy_state(conn, key: str, make: str) -> str:  # type: ignore[no-untyped-de
     return make
 
 
-class ProxyApp(JupyterApp):
-    """What `serve` and `lab` share: where the proxy listens and how it keeps its log."""
+class DatabaseApp(JupyterApp):
+    """What every command shares: the log database."""
 
     version = __version__
-    aliases = _common_aliases
+    aliases = {"db": "DatabaseApp.db", "log-level": "Application.log_level"}
 
-    ip = Unicode("127.0.0.1", config=True, help="Interface the proxy listens on.")
-    port = Integer(8888, config=True, help="Port the proxy listens on.")
     db = Unicode(
         "",
         config=True,
         help="SQLite file of the message log "
         "(default: <Jupyter data dir>/replay-proxy/log.sqlite).",
     )
+
+    @default("db")
+    def _default_db(self) -> str:
+        return str(Path(self.data_dir) / "replay-proxy" / "log.sqlite")
+
+
+class ProxyApp(DatabaseApp):
+    """What `serve` and `lab` share: where the proxy listens and how it keeps its log."""
+
+    aliases = _common_aliases
+
+    ip = Unicode("127.0.0.1", config=True, help="Interface the proxy listens on.")
+    port = Integer(8888, config=True, help="Port the proxy listens on.")
     log_flush_interval = Float(
         0.05,
         config=True,
@@ -128,10 +142,33 @@ class ProxyApp(JupyterApp):
         "MappingKernelManager.allowed_message_types: with the zmq link the proxy enforces it "
         "itself; `lab` passes it on to the server it spawns.",
     )
-
-    @default("db")
-    def _default_db(self) -> str:
-        return str(Path(self.data_dir) / "replay-proxy" / "log.sqlite")
+    redact_patterns = List(
+        Unicode(),
+        config=True,
+        help="Regular expressions whose matches in message content and metadata (code, "
+        "outputs) are replaced by [redacted] before they are logged, e.g. "
+        r"'(?i)password\s*=\s*\S+'. Replays from the log carry the redacted text.",
+    )
+    log_max_buffer_size = Integer(
+        0,
+        config=True,
+        help="Binary buffers larger than this many bytes are not logged (their size is); "
+        "0 logs every buffer.",
+    )
+    retention_older_than = Unicode(
+        "",
+        config=True,
+        help="Delete logged messages older than this (e.g. 30d, 12h); empty keeps them.",
+    )
+    retention_max_size = Unicode(
+        "",
+        config=True,
+        help="Delete the oldest logged messages while the log is larger than this (e.g. 2GB); "
+        "empty sets no bound.",
+    )
+    retention_interval = Float(
+        3600.0, config=True, help="Seconds between applications of the retention options."
+    )
 
     @default("kernel_runtime_dir")
     def _default_kernel_runtime_dir(self) -> str:
@@ -167,7 +204,22 @@ class ProxyApp(JupyterApp):
         else:
             session_id = proxy_state(conn, "websocket_link_session_id", session_id)
             conn.close()
-        writer = LogWriter(lambda: open_database(self.db), flush_interval=self.log_flush_interval)
+        try:
+            redactor = Redactor(self.redact_patterns)
+            retention = Policy(
+                parse_duration(self.retention_older_than) if self.retention_older_than else None,
+                parse_size(self.retention_max_size) if self.retention_max_size else None,
+                self.retention_interval,
+            )
+        except (re.error, ValueError) as error:
+            self.log.critical("Bad configuration: %s", error)
+            sys.exit(2)
+        writer = LogWriter(
+            lambda: open_database(self.db),
+            flush_interval=self.log_flush_interval,
+            redactor=redactor,
+            max_buffer_size=self.log_max_buffer_size or None,
+        )
         proxy = ReplayProxy(upstream, writer, self.settings(session_id), lambda: connect(self.db))
         runner = web.AppRunner(
             proxy.make_app(),
@@ -184,10 +236,17 @@ class ProxyApp(JupyterApp):
         )
         if lab_url:
             print(f"\n    JupyterLab, through jupyter-replay-proxy:\n    {lab_url}\n", flush=True)
+        retaining = None
+        if retention.active:
+            retaining = asyncio.ensure_future(
+                retention.apply_periodically(lambda: connect(self.db))
+            )
         try:
             await stop.wait()
         finally:
             self.log.info("Shutting down the proxy")
+            if retaining is not None:
+                retaining.cancel()
             await runner.cleanup()
             writer.close()
 
@@ -366,6 +425,14 @@ class ReplayProxyApp(JupyterApp):
         "lab": (LabApp, LabApp.description),
         "serve": (ServeApp, ServeApp.description),
         "migrate": (MigrateApp, MigrateApp.description),
+        "log": ("proxy.audit_app.LogApp", "Show logged kernel messages; --follow tails them."),
+        "transcript": (
+            "proxy.audit_app.TranscriptApp",
+            "Who ran what code, when, and what came out: one entry per execution.",
+        ),
+        "export": ("proxy.audit_app.ExportApp", "Rebuild a notebook (.ipynb) from the log."),
+        "stats": ("proxy.audit_app.StatsApp", "Figures about the log."),
+        "prune": ("proxy.audit_app.PruneApp", "Delete the oldest part of the log."),
     }
 
     def start(self) -> None:

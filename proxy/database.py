@@ -58,12 +58,16 @@ def available_migrations(directory: Path | None = None) -> list[Migration]:
 def connect(path: str | Path) -> sqlite3.Connection:
     """Open (creating it private to its user) the database file, tuned for a write-ahead log."""
     path = Path(path)
+    empty = True
     if str(path) != ":memory:":
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
         os.chmod(path, 0o600)
+        empty = path.stat().st_size == 0
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
+    if empty:  # only a file without tables can choose: retention then shrinks it as it prunes
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")  # a commit survives kill -9; fsync at checkpoints
     conn.execute("PRAGMA foreign_keys = ON")

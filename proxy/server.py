@@ -26,6 +26,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from . import __version__
+from .api import AuditApi
 from .codecs import LEGACY, V1_SUBPROTOCOL, FrameError, Message, decode_client_frame, with_seq
 from .links import WebsocketLink, ZmqLink, connection_file
 from .relay import Client, KernelRelay, Relay, Tap, in_background
@@ -97,6 +98,7 @@ class ReplayProxy:
         self.writer = writer
         self.settings = settings
         self.replayer = Replayer(writer, connect, window=settings.replay_window)
+        self.audit = AuditApi(upstream, connect, lambda: set(self.relay.kernels))
         self.taps: list[Tap] = [writer, self.replayer]
         self.relay = Relay(self._make_link, self.taps, writer.next_seq, self.replayer.remember)
         self.relay.on_kernel_gone.append(self._close_clients)
@@ -104,6 +106,7 @@ class ReplayProxy:
         self._sockets: dict[Client, web.WebSocketResponse] = {}
         self._poller: asyncio.Task[None] | None = None
         self.upstream_error: str | None = None
+        self._notebooks: dict[str, str] = {}  # kernel id → the path last logged for it
 
     # --- application -----------------------------------------------------------------------
 
@@ -112,6 +115,7 @@ class ReplayProxy:
         base = self.upstream.base_url
         app.router.add_get(base + "api/kernels/{kernel_id}/channels", self.channels)
         app.router.add_get(base + OWN_PREFIX + "api/status", self.status)
+        self.audit.add_routes(app, base + OWN_PREFIX + "api/")
         app.router.add_route("*", "/{tail:.*}", self.forward)
         app.on_startup.append(self._startup)
         app.on_shutdown.append(self._shutdown)
@@ -151,6 +155,21 @@ class ReplayProxy:
             return
         self.upstream_error = None
         await self.relay.sync(running)
+        await self._note_notebooks()
+
+    async def _note_notebooks(self) -> None:
+        """Log which notebook each kernel serves, when that is new: the audit trail's paths."""
+        try:
+            sessions = await self.upstream.sessions()
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            return  # a server without sessions (or a moment's failure): kernels only
+        for session in sessions:
+            kernel_id = (session.get("kernel") or {}).get("id")
+            path = session.get("path")
+            known = self._notebooks.get(kernel_id)
+            if isinstance(kernel_id, str) and isinstance(path, str) and known != path:
+                self._notebooks[kernel_id] = path
+                self.writer.notebook_seen(kernel_id, path, session.get("type"))
 
     async def _follow_kernels(self) -> None:
         while True:

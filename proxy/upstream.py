@@ -90,6 +90,12 @@ class Upstream:
             resp.raise_for_status()
             return [kernel["id"] for kernel in await resp.json()]
 
+    async def sessions(self) -> list[dict[str, Any]]:
+        """jupyter-server's sessions: which notebook (console, file) uses which kernel."""
+        async with self.http.get(self.api("api/sessions"), headers=self.own_headers()) as resp:
+            resp.raise_for_status()
+            return await resp.json()
+
     async def has_kernel(self, kernel_id: str) -> bool:
         url = self.api(f"api/kernels/{kernel_id}")
         async with self.http.get(url, headers=self.own_headers()) as resp:
@@ -120,6 +126,26 @@ class Upstream:
             return error.status
         await ws.close()
         return 101
+
+    async def readable_kernels(self, request: web.Request) -> tuple[int, set[str] | None]:
+        """The kernels jupyter-server lets the caller read, asked with the caller's own
+        credentials: its permission (``/api/me?permissions=``), then its list of kernels."""
+        query = {k: v for k, v in request.query.items() if k == "token"}
+        headers = forwarded_headers(request.headers)
+        wanted = json.dumps({"kernels": ["read"]})
+        me = self.api("api/me").with_query({**query, "permissions": wanted})
+        async with self.http.get(me, headers=headers) as resp:
+            if resp.status != 200:
+                return resp.status, None
+            granted = (await resp.json()).get("permissions", {}).get("kernels", [])
+        if "read" not in granted:
+            return 403, None
+        async with self.http.get(
+            self.api("api/kernels").with_query(query), headers=headers
+        ) as resp:
+            if resp.status != 200:
+                return resp.status, None
+            return 200, {kernel["id"] for kernel in await resp.json()}
 
     async def identity(self, request: web.Request) -> tuple[int, dict[str, Any] | None]:
         """jupyter-server's /api/me for the caller, asked with the caller's credentials."""

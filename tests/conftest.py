@@ -163,10 +163,11 @@ async def make_proxy(
     token: str,
     runtime_dir: Path,
     db_path: Path,
+    writer_options: dict[str, Any] | None = None,
     **settings: Any,
 ) -> RunningProxy:
     open_database(db_path).close()
-    writer = LogWriter(lambda: connect(db_path), flush_interval=0.02)
+    writer = LogWriter(lambda: connect(db_path), flush_interval=0.02, **(writer_options or {}))
     proxy = ReplayProxy(
         Upstream(upstream_url, token),
         writer,
@@ -178,7 +179,9 @@ async def make_proxy(
         ),
         lambda: connect(db_path),
     )
-    test_server = await aiohttp_server(proxy.make_app())
+    app = proxy.make_app()
+    app.on_cleanup.append(lambda _: asyncio.to_thread(writer.close))  # after the proxy's own
+    test_server = await aiohttp_server(app)
     return RunningProxy(
         f"http://127.0.0.1:{test_server.port}/", proxy, writer, db_path, test_server
     )
@@ -195,7 +198,6 @@ async def proxy(
         tmp_path / "log.sqlite", link=request.param,
     )  # fmt: skip
     yield running
-    running.writer.close()
 
 
 @pytest.fixture
@@ -207,7 +209,6 @@ async def zmq_proxy(
         tmp_path / "log.sqlite", link="zmq",
     )  # fmt: skip
     yield running
-    running.writer.close()
 
 
 @dataclass
@@ -260,13 +261,14 @@ class KernelChannels:
         return message
 
     async def execute(
-        self, code: str, timeout: float = 60, **content: Any
+        self, code: str, timeout: float = 60, metadata: dict | None = None, **content: Any
     ) -> tuple[str, Message, list[Message]]:
         """Run code; return its msg_id, execute_reply, and its iopub up to the idle status."""
         msg_id = await self.send(
             "shell", "execute_request",
             {"code": code, "silent": False, "store_history": True, "user_expressions": {},
              "allow_stdin": False, "stop_on_error": True, **content},
+            metadata,
         )  # fmt: skip
         return msg_id, *(await self.collect(msg_id, timeout))
 

@@ -195,7 +195,6 @@ async def test_oversized_frame_is_refused(
         assert closing.data == 1009
     finally:
         await client.close()
-        small.writer.close()
 
 
 async def test_lossless_over_jupyter_servers_rate_limit(
@@ -259,7 +258,6 @@ async def test_jupyter_server_counts_a_followed_kernel_as_connected(
             break
         await asyncio.sleep(0.1)
     assert await connections() == 0
-    zmq_proxy.writer.close()
 
 
 async def test_disallowed_message_types_are_dropped_like_jupyter_server_does(
@@ -283,4 +281,3 @@ async def test_disallowed_message_types_are_dropped_like_jupyter_server_does(
         assert message.parent_msg_id == info_id  # no execute_reply came first: it never ran
     finally:
         await client.close()
-        strict.writer.close()

@@ -48,7 +48,6 @@ async def test_websocket_link_reconnects_without_losing_output(
     finally:
         await client.close()
         await cutter.close()
-        running.writer.close()
 
 
 async def _wait_for_state(client, state: str, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
@@ -114,7 +113,6 @@ async def test_restart_through_a_websocket_link(
         assert stream_text(iopub) == "False\n"
     finally:
         await client.close()
-        running.writer.close()
 
 
 async def test_auto_restart_is_shown_as_jupyter_server_shows_it(
@@ -153,4 +151,3 @@ async def test_shutdown_closes_clients(
         assert kernel_id not in running.proxy.relay.kernels
     finally:
         await client.close()
-        running.writer.close()

@@ -192,7 +192,6 @@ async def test_a_stalled_client_neither_slows_others_nor_loses_anything(
     finally:
         await stalled.close()
         await reader.close()
-        running.writer.close()
 
 
 def _serve(jupyter_server: JupyterServer, port: int, db, link: str):  # type: ignore[no-untyped-def]

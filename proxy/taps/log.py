@@ -9,11 +9,13 @@ writer keeps the rows, reports the error, and retries; committed rows are never 
 from __future__ import annotations
 
 import collections
+import json
 import logging
+import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -29,7 +31,13 @@ INSERT INTO messages (
     client_id, msg_date, received_at, header, parent_header, metadata, content, buffer_count
 ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
-_INSERT_BUFFER = "INSERT INTO message_buffers (seq, idx, data) VALUES (?, ?, ?)"
+_INSERT_BUFFER = "INSERT INTO message_buffers (seq, idx, data, omitted_size) VALUES (?, ?, ?, ?)"
+_NOTEBOOK_SEEN = """
+INSERT INTO kernel_notebooks (kernel_id, path, session_type, first_seen_at, last_seen_at)
+VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (kernel_id, path) DO UPDATE SET last_seen_at = excluded.last_seen_at
+"""
+REDACTED = "[redacted]"
 _INSERT_CLIENT = """
 INSERT INTO clients (
     client_id, kernel_id, session_id, username, identity, protocol, remote, connected_at
@@ -67,6 +75,38 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "replace")
 
 
+class Redactor:
+    """Replaces what the configured patterns match in the strings of a message's content and
+    metadata before they are written (the log, and so what is replayed from it, keeps only the
+    redacted text). Raises ``re.error`` for a pattern that is not a regular expression."""
+
+    def __init__(self, patterns: Sequence[str]) -> None:
+        for pattern in patterns:
+            re.compile(pattern)  # say which one is bad
+        self._pattern = re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
+
+    def __call__(self, text: str) -> str:
+        pattern = self._pattern
+        if pattern is None or ("\\" not in text and not pattern.search(text)):
+            return text  # without escapes the JSON text holds its strings as they are
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return pattern.sub(REDACTED, text)
+        redacted = self._strings(value)
+        return text if redacted == value else json.dumps(redacted, ensure_ascii=False)
+
+    def _strings(self, value: Any) -> Any:
+        if isinstance(value, str):
+            assert self._pattern is not None
+            return self._pattern.sub(REDACTED, value)
+        if isinstance(value, list):
+            return [self._strings(item) for item in value]
+        if isinstance(value, dict):
+            return {key: self._strings(item) for key, item in value.items()}
+        return value
+
+
 @dataclass
 class LogHealth:
     """What the status endpoint shows about the log."""
@@ -88,8 +128,12 @@ class LogWriter(Tap):
         flush_interval: float = 0.05,
         max_pending: int = 2_000_000,
         retry_interval: float = 1.0,
+        redactor: Redactor | None = None,
+        max_buffer_size: int | None = None,
     ) -> None:
         self._connect = connect
+        self._redact = redactor or Redactor(())
+        self.max_buffer_size = max_buffer_size
         self._conn: sqlite3.Connection | None = None
         self.flush_interval = flush_interval
         self.max_pending = max_pending
@@ -148,6 +192,10 @@ class LogWriter(Tap):
 
     def client_left(self, client: Client) -> None:
         self._enqueue("l", (client.client_id, time.time()))
+
+    def notebook_seen(self, kernel_id: str, path: str, session_type: str | None) -> None:
+        """jupyter-server has a session of this notebook (console, file) on the kernel."""
+        self._enqueue("n", (kernel_id, path, session_type, time.time()))
 
     def delivery_confirmed(self, client: Client, seq: int) -> None:
         if client.session_id is not None:
@@ -221,7 +269,8 @@ class LogWriter(Tap):
         pending = self._pending
         self._unwritten.extend(pending.popleft() for _ in range(len(pending)))
         batch = self._unwritten
-        messages, buffers, clients, left, delivered = [], [], [], [], []
+        messages, buffers, clients, left, delivered, notebooks = [], [], [], [], [], []
+        redact, limit = self._redact, self.max_buffer_size
         for kind, item in batch:
             if kind == "m":
                 (
@@ -232,10 +281,15 @@ class LogWriter(Tap):
                     (
                         seq, kernel_id, channel, direction, msg_id, parent_id, msg_type, session,
                         username, client_id, date, _iso(received_at), _text(parts[0]),
-                        _text(parts[1]), _text(parts[2]), _text(parts[3]), len(parts) - 4,
+                        _text(parts[1]), redact(_text(parts[2])), redact(_text(parts[3])),
+                        len(parts) - 4,
                     )
                 )  # fmt: skip
-                buffers.extend((seq, i, bytes(b)) for i, b in enumerate(parts[4:]))
+                buffers.extend(
+                    (seq, i, b"", len(b)) if limit is not None and len(b) > limit
+                    else (seq, i, bytes(b), None)
+                    for i, b in enumerate(parts[4:])
+                )  # fmt: skip
             elif kind == "c":
                 clients.append(
                     (
@@ -246,6 +300,9 @@ class LogWriter(Tap):
             elif kind == "l":
                 client_id, at = item
                 left.append((_iso(at), client_id))
+            elif kind == "n":
+                kernel_id, path, session_type, at = item
+                notebooks.append((kernel_id, path, session_type, _iso(at), _iso(at)))
             else:
                 kernel_id, session_id, seq, at = item
                 delivered.append((kernel_id, session_id, seq, _iso(at)))
@@ -258,6 +315,7 @@ class LogWriter(Tap):
                 conn.executemany(_INSERT_BUFFER, buffers)
                 conn.executemany(_CLIENT_LEFT, left)
                 conn.executemany(_DELIVERED, delivered)
+                conn.executemany(_NOTEBOOK_SEEN, notebooks)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:  # SQLite already rolled back after e.g. SQLITE_FULL
