@@ -48,7 +48,9 @@ def rss_mb(pid: int) -> float:
 class ProxyProcess:
     """`jupyter-replay-proxy serve` in front of a server, as a user would run it."""
 
-    def __init__(self, server: JupyterServer, tmp: Path, db: Path | None = None) -> None:
+    def __init__(
+        self, server: JupyterServer, tmp: Path, db: Path | None = None, extra: tuple[str, ...] = ()
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         env = {**os.environ, "JUPYTER_TOKEN": server.token}
@@ -57,6 +59,7 @@ class ProxyProcess:
                 sys.executable, "-m", "proxy", "serve", f"--upstream={server.url}",
                 f"--port={self.port}", f"--db={db or tmp / 'bench.sqlite'}",
                 f"--ProxyApp.kernel_runtime_dir={server.runtime_dir}", "--log-level=WARN",
+                *extra,
             ],
             env=env, stdout=subprocess.DEVNULL, stderr=(tmp / "proxy.log").open("a"),
         )  # fmt: skip

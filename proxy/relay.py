@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -427,5 +428,8 @@ class Relay:
         await relay.link.close()
 
     async def close(self) -> None:
+        for starting in list(self._starting.values()):  # a link half made is closed too
+            with contextlib.suppress(Exception):
+                await starting
         for kernel_id in list(self.kernels):
             await self.drop(kernel_id)

@@ -139,7 +139,7 @@ class ReplayProxy:
             self._poller.cancel()
         await self.relay.close()
         await self.upstream.close()
-        self.zmq_context.term()
+        self.zmq_context.destroy(linger=0)  # every link closed its sockets; never hang on one
         self.replayer.close()
         await asyncio.get_running_loop().run_in_executor(None, self.writer.flush)
 
