@@ -104,14 +104,17 @@ async def bench_prune(db: Path, tmp: Path, in_proxy: bool) -> None:
     server = start_jupyter_server(tmp / ("server-in" if in_proxy else "server-cli"))
     try:
         kernel_id = await start_kernel(server)
-        extra = ("--ProxyApp.retention_older_than=1h",) if in_proxy else ()
-        proxy = ProxyProcess(server, tmp, db, extra)
+        proxy = ProxyProcess(server, tmp, db)
         await proxy.ready(server.token)
         baseline = await roundtrips(proxy.url, kernel_id, server.token, 300)
         before = _count(db)
         started = time.perf_counter()
         pruning = None
-        if not in_proxy:
+        if in_proxy:  # the same proxy again, now with retention: it prunes as it starts
+            proxy.stop()
+            proxy = ProxyProcess(server, tmp, db, ("--ProxyApp.retention_older_than=1h",))
+            await proxy.ready(server.token)
+        else:
             pruning = subprocess.Popen(
                 [sys.executable, "-m", "proxy", "prune", f"--db={db}", "--older-than=1h"],
                 stderr=subprocess.PIPE, text=True,

@@ -158,13 +158,20 @@ class Pruner:
         if self.conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:  # 2: incremental
             return 0
         page_size = self.conn.execute("PRAGMA page_size").fetchone()[0]
-        reclaimed = 0
-        while free := self.conn.execute("PRAGMA freelist_count").fetchone()[0]:
+        free = self.conn.execute("PRAGMA freelist_count").fetchone()[0]
+        start, pages = free, 1000
+        while free:
             started = time.monotonic()
-            self.conn.execute(f"PRAGMA incremental_vacuum({min(free, 2000)})").fetchall()
-            self._took(time.monotonic() - started)
-            reclaimed += min(free, 2000) * page_size
-        return reclaimed
+            # executescript steps the pragma to its end; execute() would free a single page
+            self.conn.executescript(f"PRAGMA incremental_vacuum({min(free, pages)});")
+            took = time.monotonic() - started
+            self.longest = max(self.longest, took)
+            pages = max(100, int(pages * (0.5 if took > self.transaction_budget else 1.25)))
+            left = self.conn.execute("PRAGMA freelist_count").fetchone()[0]
+            if left >= free:
+                break  # nothing more can be handed back now
+            free = left
+        return (start - free) * page_size
 
 
 @dataclass(frozen=True)
