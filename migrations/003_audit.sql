@@ -47,8 +47,12 @@ SELECT
         json_extract(reply.content, '$.execution_count'),
         json_extract(started.content, '$.execution_count')
     ) AS execution_count,
-    round((julianday(reply.received_at) - julianday(COALESCE(started.received_at,
-        request.received_at))) * 86400.0, 6) AS duration_s
+    -- run time by the kernel's own clock (execute_input to execute_reply), else as received
+    round(max(0.0, COALESCE(
+        julianday(reply.msg_date) - julianday(started.msg_date),
+        julianday(reply.received_at) - julianday(COALESCE(started.received_at,
+            request.received_at))
+    ) * 86400.0), 6) AS duration_s
 FROM messages AS request
 LEFT JOIN clients AS client ON client.client_id = request.client_id
 LEFT JOIN messages AS started ON started.seq = (

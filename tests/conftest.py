@@ -72,6 +72,9 @@ def start_jupyter_server(tmp: Path, *extra_args: str) -> JupyterServer:
         "JUPYTER_CONFIG_DIR": str(tmp / "config"),
         "JUPYTER_DATA_DIR": str(tmp / "data"),
         "PYDEVD_DISABLE_FILE_VALIDATION": "1",  # ipykernel's debugger warns on stderr otherwise
+        "PYTHONPATH": os.pathsep.join(  # for classes of the tests' own, e.g. tests.authorizers
+            filter(None, [str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH")])
+        ),
     }
     log_path = tmp / "jupyter-server.log"
     process = subprocess.Popen(

@@ -18,10 +18,18 @@ import pytest
 
 from proxy import audit
 from proxy.database import connect, open_database
-from proxy.retention import Pruner
+from proxy.retention import Policy, Pruner
 from proxy.taps.log import Redactor
 
-from .conftest import JupyterServer, RunningProxy, make_proxy, open_channels
+from .conftest import (
+    JupyterServer,
+    RunningProxy,
+    make_proxy,
+    open_channels,
+    start_jupyter_server,
+    start_kernel,
+    stop_jupyter_server,
+)
 
 NOTEBOOK = "audited.ipynb"
 CELLS = [  # (cell id, code): run in this order
@@ -103,7 +111,7 @@ async def test_transcript_says_who_ran_what_where_and_what_came_out(audited: Aud
     assert update.outputs == [{"output_type": "stream", "name": "stdout", "text": "updated\n"}]
     counts = [e.execution_count for e in found]
     assert counts == sorted(counts) and len(set(counts)) == len(counts)
-    assert again.finished_at >= again.started_at >= again.requested_at
+    assert again.finished_at > again.requested_at and again.started_at > again.requested_at
 
     text = "\n".join(audit.transcript_text(found))
     assert "ZeroDivisionError" in text and "> 1 / 0" in text and audited.user in text
@@ -348,3 +356,56 @@ async def test_big_buffers_are_left_out_when_configured(
         """
     ).fetchall()
     assert [tuple(row) for row in rows] == [(0, 5, None), (1, 0, 5000)]
+
+
+async def test_jupyter_servers_authorizer_decides_who_reads_the_audit_trail(
+    aiohttp_server, tmp_path: Path
+) -> None:
+    """A deployment whose authorizer keeps guests away from kernels keeps them away from the
+    log of those kernels too, although the proxy itself could read it."""
+    server = start_jupyter_server(
+        tmp_path / "server",
+        "--ServerApp.authorizer_class=tests.authorizers.GuestsMayNotTouchKernels",
+    )
+    try:
+        kernel = await start_kernel(server)
+        running = await make_proxy(
+            aiohttp_server, server.url, server.token, server.runtime_dir,
+            tmp_path / "log.sqlite", link="zmq",
+        )  # fmt: skip
+        client = await open_channels(running.url, kernel, server.token)
+        try:
+            await client.execute("print('for members only')")
+        finally:
+            await client.close()
+        running.writer.flush()
+        url = running.url + "replay-proxy/api/audit/executions"
+        async with aiohttp.ClientSession(headers=server.headers()) as http:
+            async with http.get(url) as resp:
+                assert resp.status == 200
+                assert (await resp.json())["items"][0]["code"] == "print('for members only')"
+            async with http.get(url, headers={"X-Test-Role": "guest"}) as resp:
+                assert resp.status == 403
+                assert "for members only" not in await resp.text()
+            guest_channels = running.url + f"api/kernels/{kernel}/channels"
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await http.ws_connect(guest_channels, headers={"X-Test-Role": "guest"})
+            assert refused.value.status == 403
+    finally:
+        stop_jupyter_server(server)
+
+
+async def test_the_proxy_applies_its_retention_policy(tmp_path: Path) -> None:
+    path = tmp_path / "log.sqlite"
+    _synthetic_log(path, 2_000, datetime.now(timezone.utc) - timedelta(seconds=4_000))
+    policy = Policy(older_than=timedelta(seconds=3_000), max_size=None, interval=3600)
+    applying = asyncio.ensure_future(policy.apply_periodically(lambda: connect(path)))
+    try:
+        for _ in range(100):
+            left = connect(path).execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+            if left < 2_000:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        applying.cancel()
+    assert 900 < left < 1_100
