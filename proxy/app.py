@@ -142,6 +142,18 @@ class ProxyApp(DatabaseApp):
         "MappingKernelManager.allowed_message_types: with the zmq link the proxy enforces it "
         "itself; `lab` passes it on to the server it spawns.",
     )
+    write_outputs = Bool(
+        True,
+        config=True,
+        help="Write the outputs of executions whose client left (closed tab) into the "
+        "notebook's collaborative document (needs jupyter-collaboration upstream).",
+    )
+    handoff_grace = Float(
+        5.0,
+        config=True,
+        help="Seconds the client that ran a cell may be gone (e.g. reconnecting) before the "
+        "proxy writes that execution's outputs in its place.",
+    )
     redact_patterns = List(
         Unicode(),
         config=True,
@@ -186,6 +198,8 @@ class ProxyApp(DatabaseApp):
             websocket_link_session_id=session_id,
             allowed_message_types=frozenset(self.allowed_message_types),
             link_namespace=str(Path(self.db).resolve()),
+            write_outputs=self.write_outputs,
+            handoff_grace=self.handoff_grace,
         )
 
     async def run_proxy(self, upstream: Upstream, stop: asyncio.Event, lab_url: str = "") -> None:

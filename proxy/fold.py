@@ -84,8 +84,9 @@ class Edit:
     """One change to a cell's outputs, in the order made.
 
     kinds: ``text`` (the stream output at ``index`` keeps its first ``at`` characters and
-    continues with ``text``: an append when ``at`` is its old length), ``set`` (the output at
-    ``index`` replaced by ``output``), ``add`` (``output`` appended), ``clear``.
+    continues with ``text`` instead of ``replaced``, its old end: an append when ``replaced``
+    is empty), ``set`` (the output at ``index`` replaced by ``output``), ``add`` (``output``
+    appended), ``clear``.
     """
 
     kind: str
@@ -93,6 +94,7 @@ class Edit:
     index: int = -1
     at: int = 0
     text: str = ""
+    replaced: str = ""
     output: dict[str, Any] | None = None
 
 
@@ -106,8 +108,9 @@ class _Stream:
         self.head_length = 0
         self.terminal = _Terminal()
 
-    def extend(self, text: str) -> tuple[int, str]:
-        """Add text; return where the shown text changed and what it continues with."""
+    def extend(self, text: str) -> tuple[int, str, str]:
+        """Add text; return where the shown text changed, what it continues with, and what
+        it no longer shows from there."""
         before = self.terminal.line
         done = self.terminal.feed(text)
         after = done + self.terminal.line
@@ -121,7 +124,7 @@ class _Stream:
         if done:
             self.chunks.append(done)
             self.head_length += len(done)
-        return at, after[kept:]
+        return at, after[kept:], before[kept:]
 
     def text(self) -> str:
         if len(self.chunks) > 1:
@@ -214,8 +217,9 @@ class NotebookFold:
             output = {"output_type": "stream", "name": name, "text": ""}
             self._add(cell_id, cell, output)
             stream = cell._stream = _Stream(output)
-        at, continued = stream.extend(text)
-        self.edits.append(Edit("text", cell_id, len(cell._outputs) - 1, at=at, text=continued))
+        at, continued, replaced = stream.extend(text)
+        index = len(cell._outputs) - 1
+        self.edits.append(Edit("text", cell_id, index, at=at, text=continued, replaced=replaced))
 
     def _add(self, cell_id: str, cell: CellOutputs, output: dict[str, Any]) -> None:
         self._clear_if_pending(cell_id, cell)

@@ -32,7 +32,9 @@ from .links import WebsocketLink, ZmqLink, connection_file
 from .relay import Client, KernelRelay, Relay, Tap, in_background
 from .taps.log import LogWriter
 from .taps.replay import Replayer, parse_replay
+from .taps.yfold import OutputFolder
 from .upstream import HOP_BY_HOP, Upstream, forwarded_headers, redact
+from .yroom import NotebookRoom, collaboration_problem
 
 log = logging.getLogger("jupyter_replay_proxy")
 
@@ -60,6 +62,8 @@ class ProxySettings:
     websocket_link_session_id: str = ""
     allowed_message_types: frozenset[str] = frozenset()  # empty: all, as in jupyter-server
     link_namespace: str = "replay-proxy"  # the log's path: stable ids per (log, kernel)
+    write_outputs: bool = True  # take over outputs of executions whose client left
+    handoff_grace: float = 5.0  # seconds a client may be gone before the proxy writes for it
 
 
 async def _close(ws: web.WebSocketResponse, code: int, reason: str) -> None:
@@ -98,15 +102,24 @@ class ReplayProxy:
         self.writer = writer
         self.settings = settings
         self.replayer = Replayer(writer, connect, window=settings.replay_window)
+        self._notebooks: dict[str, str] = {}  # kernel id → its notebook's path, as last seen
         self.audit = AuditApi(upstream, connect, lambda: set(self.relay.kernels))
         self.taps: list[Tap] = [writer, self.replayer]
+        self.folder: OutputFolder | None = None
+        if settings.write_outputs:
+            self.folder = OutputFolder(
+                lambda path: NotebookRoom(upstream, path),
+                self._notebooks.get,
+                grace=settings.handoff_grace,
+            )
+            self.taps.append(self.folder)
+        self.collaboration_error: str | None = None
         self.relay = Relay(self._make_link, self.taps, writer.next_seq, self.replayer.remember)
         self.relay.on_kernel_gone.append(self._close_clients)
         self.zmq_context = zmq.asyncio.Context()
         self._sockets: dict[Client, web.WebSocketResponse] = {}
         self._poller: asyncio.Task[None] | None = None
         self.upstream_error: str | None = None
-        self._notebooks: dict[str, str] = {}  # kernel id → the path last logged for it
 
     # --- application -----------------------------------------------------------------------
 
@@ -125,6 +138,13 @@ class ReplayProxy:
     async def _startup(self, app: web.Application) -> None:
         await self.upstream.start()
         self._poller = asyncio.ensure_future(self._follow_kernels())
+        if self.folder is not None:
+            in_background(self._check_collaboration())
+
+    async def _check_collaboration(self) -> None:
+        self.collaboration_error = await collaboration_problem(self.upstream)
+        if self.collaboration_error:
+            log.warning("%s", self.collaboration_error)
 
     async def _shutdown(self, app: web.Application) -> None:
         await asyncio.gather(
@@ -137,6 +157,8 @@ class ReplayProxy:
     async def _cleanup(self, app: web.Application) -> None:
         if self._poller is not None:
             self._poller.cancel()
+        if self.folder is not None:
+            await self.folder.close()
         await self.relay.close()
         await self.upstream.close()
         self.zmq_context.destroy(linger=0)  # every link closed its sockets; never hang on one
@@ -333,6 +355,11 @@ class ReplayProxy:
                 "kernels": kernels,
                 "clients": clients,
                 "log": asdict(self.writer.health()),
+                "outputs": {
+                    "enabled": self.folder is not None,
+                    "collaboration_error": self.collaboration_error,
+                    "rooms": sorted(self.folder.rooms) if self.folder else [],
+                },
             }
         )
 

@@ -44,7 +44,7 @@ def replay_edits(edits: list[Edit]) -> dict[str, list[dict[str, Any]]]:
         else:
             assert edit.kind == "text"
             text = outputs[edit.index]["text"]
-            assert edit.at <= len(text)
+            assert text[edit.at :] == edit.replaced  # what a Y writer deletes from the end
             outputs[edit.index]["text"] = text[: edit.at] + edit.text
     return cells
 
@@ -70,7 +70,7 @@ def test_carriage_return_overwrites_the_line_as_a_terminal_does() -> None:
     notebook = fold(stream("10%"), stream("\r50%"), stream("\r9%\n"), stream("done\n"))
     assert notebook.cells["c"].outputs[0]["text"] == "9%%\ndone\n"
     edits = notebook.take_edits()
-    assert Edit("text", "c", 0, at=0, text="50%") in edits  # only the line, not the output
+    assert Edit("text", "c", 0, at=0, text="50%", replaced="10%") in edits  # the line only
     assert render_stream_text("a\r\nb") == "a\nb"
     assert fold(stream("aaaa\ra"), stream("b")).cells["c"].outputs[0]["text"] == "abaa"
     assert render_stream_text("progress\r") == "progress"

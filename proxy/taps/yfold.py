@@ -1,0 +1,305 @@
+"""The Y fold tap: outputs of executions nobody watches any more, written into the notebook.
+
+The handoff rule: while the client that sent an execute_request is connected, it writes that
+execution's outputs into the collaborative document; the proxy does not (a second writer
+duplicates them). When the client has been gone for ``grace`` seconds and one of its
+executions was unfinished when it left, the proxy takes the execution over: it writes the
+cell's outputs as the fold has them (replacing whatever is there: idempotent), keeps them live
+until the reply, then sets the execution count and the idle state. An execution never writes
+into a cell that has been executed again since.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..codecs import Message
+from ..fold import OUTPUT_MESSAGES, Edit, NotebookFold
+from ..relay import FROM_KERNEL, Client, Tap, in_background
+from ..yroom import CollaborationUnavailable, NotebookRoom, set_outputs, youtput
+
+log = logging.getLogger("jupyter_replay_proxy.yfold")
+
+_ROOM_LINGER = 5.0  # seconds a room stays joined after the last write (the server saves ~1 s on)
+
+
+@dataclass
+class _Execution:
+    msg_id: str
+    kernel_id: str
+    cell_id: str
+    client_id: str | None
+    session_id: str | None
+    finished: bool = False
+    reply: dict[str, Any] | None = None
+    owner: str = "client"  # "client", "proxy", or "nobody" (superseded, or no notebook)
+    room: NotebookRoom | None = None
+
+
+@dataclass
+class _Kernel:
+    fold: NotebookFold = field(default_factory=NotebookFold)
+    by_cell: dict[str, _Execution] = field(default_factory=dict)  # the latest execution
+    executions: dict[str, _Execution] = field(default_factory=dict)  # unfinished or owned
+
+
+class OutputFolder(Tap):
+    """Follows executions; takes over those whose client is gone."""
+
+    def __init__(
+        self,
+        room_for: Callable[[str], NotebookRoom],
+        notebook_of: Callable[[str], str | None],
+        grace: float = 5.0,
+    ) -> None:
+        self.room_for = room_for
+        self.notebook_of = notebook_of
+        self.grace = grace
+        self.kernels: dict[str, _Kernel] = {}
+        self._takeovers: dict[str, asyncio.TimerHandle] = {}  # client id → pending takeover
+        self.rooms: dict[str, NotebookRoom] = {}
+        self._room_users: dict[str, int] = {}
+
+    # --- relay events --------------------------------------------------------------------------
+
+    def message_relayed(
+        self,
+        seq: int,
+        kernel_id: str,
+        direction: str,
+        message: Message,
+        client: Client | None,
+        received_at: float,
+    ) -> None:
+        if direction != FROM_KERNEL:
+            if message.msg_type == "execute_request":
+                self._requested(kernel_id, message, client)
+            return
+        kernel = self.kernels.get(kernel_id)
+        execution = kernel.executions.get(message.parent_msg_id or "") if kernel else None
+        if kernel is None or execution is None:
+            return
+        if message.channel == "iopub" and message.msg_type in OUTPUT_MESSAGES:
+            if kernel.by_cell.get(execution.cell_id) is not execution:
+                return  # the cell was executed again: this output is nobody's to show
+            content = message.content()
+            if isinstance(content, dict):
+                kernel.fold.apply(execution.cell_id, message.msg_type, content)
+                self._write(kernel, execution)
+        elif message.channel == "shell" and message.msg_type == "execute_reply":
+            content = message.content()
+            execution.reply = content if isinstance(content, dict) else {}
+            self._finished(kernel, execution)
+
+    def client_left(self, client: Client) -> None:
+        if any(
+            e.client_id == client.client_id and not e.finished
+            for kernel in self.kernels.values()
+            for e in kernel.executions.values()
+        ):
+            loop = asyncio.get_running_loop()
+            self._takeovers[client.client_id] = loop.call_later(
+                self.grace, lambda: in_background(self._take_over(client))
+            )
+
+    def client_joined(self, client: Client) -> None:
+        """The same session back within the grace period: it writes its outputs again."""
+        for client_id, handle in list(self._takeovers.items()):
+            sender = self._sender_session(client_id)
+            if sender is not None and sender == (client.kernel_id, client.session_id):
+                handle.cancel()
+                del self._takeovers[client_id]
+                for kernel in self.kernels.values():
+                    for execution in kernel.executions.values():
+                        if execution.client_id == client_id:
+                            execution.client_id = client.client_id
+
+    # --- executions ------------------------------------------------------------------------------
+
+    def _requested(self, kernel_id: str, message: Message, client: Client | None) -> None:
+        metadata = _json(message.parts[2])
+        cell_id = metadata.get("cellId") if isinstance(metadata, dict) else None
+        if not isinstance(cell_id, str):
+            return  # no cell to write into: the log has it all
+        kernel = self.kernels.setdefault(kernel_id, _Kernel())
+        previous = kernel.by_cell.get(cell_id)
+        if previous is not None and previous.owner == "proxy":
+            previous.owner = "nobody"
+        execution = _Execution(
+            message.msg_id, kernel_id, cell_id,
+            client.client_id if client else None, client.session_id if client else None,
+        )  # fmt: skip
+        kernel.by_cell[cell_id] = execution
+        kernel.executions[execution.msg_id] = execution
+        kernel.fold.start(cell_id)
+        kernel.fold.take_edits()
+
+    def _finished(self, kernel: _Kernel, execution: _Execution) -> None:
+        execution.finished = True
+        current = kernel.by_cell.get(execution.cell_id) is execution
+        if current:
+            kernel.fold.finish(execution.cell_id, execution.reply)
+        if execution.owner == "proxy" and current and execution.room is not None:
+            self._write(kernel, execution)
+            self._release(execution)
+        if execution.owner != "client" or not self._client_pending(execution):
+            kernel.executions.pop(execution.msg_id, None)
+            if current:
+                del kernel.by_cell[execution.cell_id]
+                kernel.fold.cells.pop(execution.cell_id, None)
+
+    def _client_pending(self, execution: _Execution) -> bool:
+        """Its client is gone and a takeover is waiting for the grace period to end."""
+        return execution.client_id in self._takeovers
+
+    def _sender_session(self, client_id: str) -> tuple[str, str | None] | None:
+        for kernel in self.kernels.values():
+            for execution in kernel.executions.values():
+                if execution.client_id == client_id:
+                    return execution.kernel_id, execution.session_id
+        return None
+
+    # --- takeover --------------------------------------------------------------------------------
+
+    async def _take_over(self, client: Client) -> None:
+        self._takeovers.pop(client.client_id, None)
+        kernel = self.kernels.get(client.kernel_id)
+        if kernel is None:
+            return
+        mine = [e for e in kernel.executions.values() if e.client_id == client.client_id]
+        for execution in mine:
+            if kernel.by_cell.get(execution.cell_id) is not execution:
+                kernel.executions.pop(execution.msg_id, None)
+                continue
+            path = self.notebook_of(execution.kernel_id)
+            if path is None:
+                log.info("Kernel %s has no notebook: %s stays in the log only",
+                         execution.kernel_id, execution.msg_id)  # fmt: skip
+                execution.owner = "nobody"
+                self._finished_if_done(kernel, execution)
+                continue
+            try:
+                room = await self._join(path)
+            except CollaborationUnavailable as error:
+                log.warning("Cannot write outputs into %s: %s", path, error)
+                execution.owner = "nobody"
+                self._finished_if_done(kernel, execution)
+                continue
+            execution.owner, execution.room = "proxy", room
+            log.info("Writing the outputs of %s into %s (its client left)",
+                     execution.msg_id, path)  # fmt: skip
+            self._rewrite(kernel, execution)
+            if execution.finished:
+                self._release(execution)
+                self._finished_if_done(kernel, execution)
+
+    def _finished_if_done(self, kernel: _Kernel, execution: _Execution) -> None:
+        if execution.finished:
+            kernel.executions.pop(execution.msg_id, None)
+            if kernel.by_cell.get(execution.cell_id) is execution:
+                del kernel.by_cell[execution.cell_id]
+                kernel.fold.cells.pop(execution.cell_id, None)
+
+    def _rewrite(self, kernel: _Kernel, execution: _Execution) -> None:
+        """Make the cell show what the fold has, whatever it showed before."""
+        assert execution.room is not None
+        ycell = execution.room.cell(execution.cell_id)
+        kernel.fold.take_edits()
+        if ycell is None:
+            execution.owner = "nobody"  # the cell was deleted
+            return
+        state = kernel.fold.cell(execution.cell_id)
+        with execution.room.doc.transaction():
+            set_outputs(ycell, state.outputs)
+            ycell["execution_count"] = state.execution_count
+            ycell["execution_state"] = "idle" if execution.finished else "running"
+
+    def _write(self, kernel: _Kernel, execution: _Execution) -> None:
+        edits = kernel.fold.take_edits()
+        if execution.owner != "proxy" or execution.room is None:
+            return
+        ycell = execution.room.cell(execution.cell_id)
+        if ycell is None:
+            execution.owner = "nobody"
+            return
+        try:
+            with execution.room.doc.transaction():
+                for edit in edits:
+                    if edit.cell == execution.cell_id:
+                        _apply(ycell, edit)
+                if execution.finished:
+                    state = kernel.fold.cell(execution.cell_id)
+                    ycell["execution_count"] = state.execution_count
+                    ycell["execution_state"] = "idle"
+        except (IndexError, KeyError, TypeError, ValueError):  # someone else changed outputs
+            self._rewrite(kernel, execution)
+
+    # --- rooms -----------------------------------------------------------------------------------
+
+    async def _join(self, path: str) -> NotebookRoom:
+        room = self.rooms.get(path)
+        if room is None:
+            room = self.rooms[path] = self.room_for(path)
+            room.start()
+        self._room_users[path] = self._room_users.get(path, 0) + 1
+        try:
+            await room.ready()
+        except CollaborationUnavailable:
+            self._leave(path)
+            raise
+        return room
+
+    def _release(self, execution: _Execution) -> None:
+        room, execution.room = execution.room, None
+        if room is not None:
+            asyncio.get_running_loop().call_later(_ROOM_LINGER, self._leave, room.path)
+
+    def _leave(self, path: str) -> None:
+        self._room_users[path] = self._room_users.get(path, 1) - 1
+        if self._room_users[path] <= 0:
+            del self._room_users[path]
+            room = self.rooms.pop(path, None)
+            if room is not None:
+                in_background(room.close())
+
+    async def close(self) -> None:
+        for handle in self._takeovers.values():
+            handle.cancel()
+        for room in list(self.rooms.values()):
+            with contextlib.suppress(Exception):
+                await room.close()
+        self.rooms.clear()
+
+
+def _apply(ycell: Any, edit: Edit) -> None:
+    """One fold edit on a Y cell's outputs; Y Text offsets are in UTF-8 bytes."""
+    youtputs = ycell["outputs"]
+    if edit.kind == "clear":
+        youtputs.clear()
+    elif edit.kind == "add":
+        assert edit.output is not None
+        youtputs.append(youtput(edit.output))
+    elif edit.kind == "set":
+        assert edit.output is not None
+        del youtputs[edit.index]
+        youtputs.insert(edit.index, youtput(edit.output))
+    else:
+        ytext = youtputs[edit.index]["text"]
+        end = len(ytext)
+        start = end - len(edit.replaced.encode())
+        if start < end:
+            del ytext[start:end]
+        ytext.insert(start, edit.text)
+
+
+def _json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None

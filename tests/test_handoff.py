@@ -1,0 +1,183 @@
+"""Outputs of a cell whose tab closed mid-run end up in the notebook: in the collaborative
+document any frontend opens later, and in the saved .ipynb (real jupyter-server,
+jupyter-collaboration and ipykernel)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import nbformat
+import pytest
+
+from proxy.upstream import Upstream
+from proxy.yroom import NotebookRoom
+
+from .conftest import JupyterServer, make_proxy, open_channels
+
+PRINTING = "import time\nfor i in range(8):\n    print(i, flush=True)\n    time.sleep(0.25)\n'done'"
+
+
+def _notebook(root: Path, name: str, cells: dict[str, str]) -> None:
+    notebook = nbformat.v4.new_notebook()
+    for cell_id, source in cells.items():
+        cell = nbformat.v4.new_code_cell(source)
+        cell["id"] = cell_id
+        notebook.cells.append(cell)
+    nbformat.write(notebook, root / name)
+
+
+async def _session(server: JupyterServer, proxy_url: str, name: str) -> str:
+    async with (
+        aiohttp.ClientSession(headers=server.headers()) as http,
+        http.post(proxy_url + "api/sessions", json={
+            "path": name, "type": "notebook", "name": name, "kernel": {"name": "python3"},
+        }) as resp,
+    ):  # fmt: skip
+        assert resp.status == 201, await resp.text()
+        return (await resp.json())["kernel"]["id"]
+
+
+async def _delete_kernel(server: JupyterServer, kernel_id: str) -> None:
+    async with (
+        aiohttp.ClientSession(headers=server.headers()) as http,
+        http.delete(server.url + f"api/kernels/{kernel_id}"),
+    ):
+        pass
+
+
+class _Viewer(NotebookRoom):
+    """Another frontend opening the notebook later: a Y client of its own."""
+
+    @classmethod
+    async def open(cls, server: JupyterServer, name: str) -> _Viewer:
+        upstream = Upstream(server.url, server.token)
+        await upstream.start()
+        room = cls(upstream, name)
+        room.start()
+        await room.ready()
+        return room
+
+    async def close(self) -> None:
+        await super().close()
+        await self.upstream.close()
+
+
+def _cell(room: NotebookRoom, cell_id: str) -> dict[str, Any]:
+    ycell = room.cell(cell_id)
+    assert ycell is not None
+    return ycell.to_py()
+
+
+def _text(cell: dict[str, Any]) -> str:
+    return "".join(o["text"] for o in cell["outputs"] if o["output_type"] == "stream")
+
+
+async def _until(check: Any, timeout: float = 20) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.1)
+
+
+@pytest.fixture
+async def handoff(aiohttp_server, jupyter_server: JupyterServer, tmp_path: Path, request):
+    name = f"handoff-{request.node.name[:40]}.ipynb".replace("[", "-").replace("]", "")
+    _notebook(jupyter_server.root_dir, name, {"printing": PRINTING, "other": "print('x')"})
+    running = await make_proxy(
+        aiohttp_server, jupyter_server.url, jupyter_server.token, jupyter_server.runtime_dir,
+        tmp_path / "log.sqlite", link="zmq", handoff_grace=0.5,
+    )  # fmt: skip
+    kernel_id = await _session(jupyter_server, running.url, name)
+    await running.proxy.refresh_kernels()
+    yield running, kernel_id, name
+    await _delete_kernel(jupyter_server, kernel_id)
+
+
+async def test_a_cell_whose_tab_closed_mid_run_gets_every_output(
+    handoff, jupyter_server: JupyterServer
+) -> None:
+    running, kernel_id, name = handoff
+    client = await open_channels(running.url, kernel_id, jupyter_server.token)
+    msg_id = await client.send(
+        "shell", "execute_request",
+        {"code": PRINTING, "silent": False, "store_history": True, "user_expressions": {},
+         "allow_stdin": False, "stop_on_error": True},
+        {"cellId": "printing"},
+    )  # fmt: skip
+    lines = 0
+    while lines < 2:
+        message = await client.recv()
+        if message.msg_type == "stream" and message.parent_msg_id == msg_id:
+            lines += message.content()["text"].count("\n")
+    await client.close()  # the tab closes; the cell prints on
+
+    viewer = await _Viewer.open(jupyter_server, name)
+    try:
+        await _until(lambda: _cell(viewer, "printing").get("execution_state") == "running")
+        await _until(lambda: _cell(viewer, "printing").get("execution_state") == "idle")
+        cell = _cell(viewer, "printing")
+        assert _text(cell) == "".join(f"{i}\n" for i in range(8))
+        assert cell["execution_count"] == 1
+        assert cell["outputs"][-1]["output_type"] == "execute_result"
+        assert cell["outputs"][-1]["data"]["text/plain"] == "'done'"
+        assert _cell(viewer, "other")["outputs"] == []
+    finally:
+        await viewer.close()
+
+    def saved() -> dict[str, Any]:
+        notebook = nbformat.read(jupyter_server.root_dir / name, as_version=4)
+        return next(c for c in notebook.cells if c["id"] == "printing")
+
+    await _until(lambda: saved().get("execution_count") == 1)
+    on_disk = saved()
+    assert "".join(
+        o.get("text", "") for o in on_disk["outputs"] if o["output_type"] == "stream"
+    ) == ("".join(f"{i}\n" for i in range(8)))
+
+
+async def test_no_writes_while_the_executing_client_stays(
+    handoff, jupyter_server: JupyterServer
+) -> None:
+    running, kernel_id, name = handoff
+    client = await open_channels(running.url, kernel_id, jupyter_server.token)
+    try:
+        await client.execute("print('mine')", metadata={"cellId": "other"})
+        await asyncio.sleep(1.0)  # well past the grace period
+        assert running.proxy.folder is not None and not running.proxy.folder.rooms
+    finally:
+        await client.close()
+    viewer = await _Viewer.open(jupyter_server, name)
+    try:
+        assert _cell(viewer, "other")["outputs"] == []  # the client writes them, not the proxy
+    finally:
+        await viewer.close()
+
+
+async def test_a_cell_executed_again_meanwhile_is_not_overwritten(
+    handoff, jupyter_server: JupyterServer
+) -> None:
+    running, kernel_id, _ = handoff
+    leaving = await open_channels(running.url, kernel_id, jupyter_server.token)
+    await leaving.send(
+        "shell", "execute_request",
+        {"code": PRINTING, "silent": False, "store_history": True, "user_expressions": {},
+         "allow_stdin": False, "stop_on_error": True},
+        {"cellId": "printing"},
+    )  # fmt: skip
+    staying = await open_channels(running.url, kernel_id, jupyter_server.token)
+    try:
+        again = await staying.send(
+            "shell", "execute_request",
+            {"code": "print('second run')", "silent": False, "store_history": True,
+             "user_expressions": {}, "allow_stdin": False, "stop_on_error": True},
+            {"cellId": "printing"},
+        )  # fmt: skip
+        await leaving.close()
+        await staying.collect(again)
+        await asyncio.sleep(1.0)
+        assert running.proxy.folder is not None and not running.proxy.folder.rooms
+    finally:
+        await staying.close()
