@@ -148,6 +148,13 @@ class ProxyApp(DatabaseApp):
         help="Write the outputs of executions whose client left (closed tab) into the "
         "notebook's collaborative document (needs jupyter-collaboration upstream).",
     )
+    server_side_execution = Bool(
+        True,
+        config=True,
+        help="Serve POST /api/kernels/{id}/execute (JupyterLab's server-side cell executor, "
+        "jupyter-server-nbmodel's API) and turn JupyterLab's serverSideExecution on in the "
+        "pages it serves: the proxy runs cells and writes their outputs.",
+    )
     handoff_grace = Float(
         5.0,
         config=True,
@@ -199,6 +206,7 @@ class ProxyApp(DatabaseApp):
             allowed_message_types=frozenset(self.allowed_message_types),
             link_namespace=str(Path(self.db).resolve()),
             write_outputs=self.write_outputs,
+            server_side_execution=self.server_side_execution,
             handoff_grace=self.handoff_grace,
         )
 

@@ -259,6 +259,7 @@ class KernelRelay:
         self.taps = taps
         self.next_seq = next_seq
         self.clients: dict[str, Client] = {}
+        self.linked_at = time.monotonic()
         memory = memory or KernelMemory()
         self._requesters = memory.requesters
         self.last_status = memory.last_status  # what a late joiner is told first
@@ -407,8 +408,12 @@ class Relay:
     def _gone(self, kernel_id: str) -> None:
         in_background(self.drop(kernel_id))
 
-    async def sync(self, running: Iterable[str]) -> None:
-        """Follow every running kernel (so output nobody watches is logged); drop the rest."""
+    async def sync(self, running: Iterable[str], listed_at: float | None = None) -> None:
+        """Follow every running kernel (so output nobody watches is logged); drop the rest.
+
+        `listed_at` (monotonic) is when the list was asked for: a kernel linked since (e.g.
+        on a client's demand) was not in it and must not be dropped for that.
+        """
         running = set(running)
         for kernel_id in running - self.kernels.keys() - self._starting.keys():
             try:
@@ -416,7 +421,8 @@ class Relay:
             except Exception as error:
                 log.warning("Cannot link to kernel %s: %s", kernel_id, error)
         for kernel_id in set(self.kernels) - running:
-            await self.drop(kernel_id)
+            if listed_at is None or self.kernels[kernel_id].linked_at < listed_at:
+                await self.drop(kernel_id)
 
     async def drop(self, kernel_id: str) -> None:
         relay = self.kernels.pop(kernel_id, None)

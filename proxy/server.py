@@ -14,6 +14,7 @@ import logging
 import re
 import sqlite3
 import struct
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -28,6 +29,7 @@ from aiohttp.abc import AbstractAccessLogger
 from . import __version__
 from .api import AuditApi
 from .codecs import LEGACY, V1_SUBPROTOCOL, FrameError, Message, decode_client_frame, with_seq
+from .execution import ServerExecutor
 from .links import WebsocketLink, ZmqLink, connection_file
 from .relay import Client, KernelRelay, Relay, Tap, in_background
 from .taps.log import LogWriter
@@ -40,6 +42,7 @@ log = logging.getLogger("jupyter_replay_proxy")
 
 #: Path of the proxy's own endpoints, below the base URL.
 OWN_PREFIX = "replay-proxy/"
+_APP_PAGES = ("lab", "doc", "notebooks", "tree", "edit", "consoles")  # pages with page config
 
 CLOSE_MALFORMED = 1007  # RFC 6455: data inconsistent with the message type
 CLOSE_TOO_BIG = 1009
@@ -63,6 +66,7 @@ class ProxySettings:
     allowed_message_types: frozenset[str] = frozenset()  # empty: all, as in jupyter-server
     link_namespace: str = "replay-proxy"  # the log's path: stable ids per (log, kernel)
     write_outputs: bool = True  # take over outputs of executions whose client left
+    server_side_execution: bool = True  # serve POST /api/kernels/{id}/execute; pages use it
     handoff_grace: float = 5.0  # seconds a client may be gone before the proxy writes for it
 
 
@@ -116,6 +120,12 @@ class ReplayProxy:
         self.collaboration_error: str | None = None
         self.relay = Relay(self._make_link, self.taps, writer.next_seq, self.replayer.remember)
         self.relay.on_kernel_gone.append(self._close_clients)
+        self.executor: ServerExecutor | None = None
+        if self.folder is not None and settings.server_side_execution:
+            self.executor = ServerExecutor(
+                self.relay, upstream, self.folder, self._notebooks.get, self.replayer,
+                lambda: writer.last_seq,
+            )  # fmt: skip
         self.zmq_context = zmq.asyncio.Context()
         self._sockets: dict[Client, web.WebSocketResponse] = {}
         self._poller: asyncio.Task[None] | None = None
@@ -128,6 +138,8 @@ class ReplayProxy:
         base = self.upstream.base_url
         app.router.add_get(base + "api/kernels/{kernel_id}/channels", self.channels)
         app.router.add_get(base + OWN_PREFIX + "api/status", self.status)
+        if self.executor is not None:
+            self.executor.add_routes(app, base)
         self.audit.add_routes(app, base + OWN_PREFIX + "api/")
         app.router.add_route("*", "/{tail:.*}", self.forward)
         app.on_startup.append(self._startup)
@@ -157,6 +169,8 @@ class ReplayProxy:
     async def _cleanup(self, app: web.Application) -> None:
         if self._poller is not None:
             self._poller.cancel()
+        if self.executor is not None:
+            await self.executor.close()
         if self.folder is not None:
             await self.folder.close()
         await self.relay.close()
@@ -167,6 +181,7 @@ class ReplayProxy:
 
     async def refresh_kernels(self) -> None:
         """Follow the kernels jupyter-server has now."""
+        listed_at = time.monotonic()
         try:
             running = await self.upstream.running_kernels()
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as error:
@@ -176,7 +191,7 @@ class ReplayProxy:
             self.upstream_error = message
             return
         self.upstream_error = None
-        await self.relay.sync(running)
+        await self.relay.sync(running, listed_at)
         await self._note_notebooks()
 
     async def _note_notebooks(self) -> None:
@@ -397,10 +412,40 @@ class ReplayProxy:
             for name, value in upstream.headers.items():
                 if name.lower() not in HOP_BY_HOP:
                     response.headers.add(name, value)
+            if self._is_app_page(request, upstream):
+                return await self._serve_page(request, upstream, response)
             await response.prepare(request)
             async for chunk in upstream.content.iter_chunked(256 * 1024):
                 await response.write(chunk)
             await response.write_eof()
+        return response
+
+    def _is_app_page(self, request: web.Request, upstream: aiohttp.ClientResponse) -> bool:
+        """A JupyterLab or Notebook 7 page, whose page config turns server-side execution on."""
+        return (
+            self.executor is not None
+            and request.method == "GET"
+            and upstream.status == 200
+            and upstream.content_type == "text/html"
+            and "Content-Encoding" not in upstream.headers
+            and request.path.startswith(tuple(self.upstream.base_url + p for p in _APP_PAGES))
+        )
+
+    async def _serve_page(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, response: web.StreamResponse
+    ) -> web.StreamResponse:
+        page = await upstream.read()
+        marker = b'<script id="jupyter-config-data" type="application/json">'
+        start = page.find(marker)
+        if start >= 0:
+            brace = page.find(b"{", start + len(marker))
+            if brace >= 0:  # the option is read as a string: any non-empty value turns it on
+                page = page[: brace + 1] + b'"serverSideExecution": "true", ' + page[brace + 1 :]
+        del response.headers["Content-Length"]
+        response.content_length = len(page)
+        await response.prepare(request)
+        await response.write(page)
+        await response.write_eof()
         return response
 
     async def _forward_websocket(self, request: web.Request) -> web.StreamResponse:

@@ -38,9 +38,21 @@ def redact(text: str) -> str:
     return _TOKEN.sub(r"\1[secret]", text)
 
 
+#: What describes a request's body: not for a probe the proxy makes without that body.
+_BODY_HEADERS = frozenset({"content-length", "content-type", "content-encoding", "expect"})
+
+
 def forwarded_headers(headers: CIMultiDict[str] | Any) -> CIMultiDict[str]:
     """The request's end-to-end headers, Host and credentials included, as they were sent."""
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP)
+
+
+def credential_headers(headers: CIMultiDict[str] | Any) -> CIMultiDict[str]:
+    """The request's headers for a bodiless request of the proxy's own on the caller's behalf
+    (an admission probe, /api/me): the credentials, without what describes the body."""
+    return CIMultiDict(
+        (k, v) for k, v in forwarded_headers(headers).items() if k.lower() not in _BODY_HEADERS
+    )
 
 
 class Upstream:
@@ -121,7 +133,7 @@ class Upstream:
         query["session_id"] = "replay-proxy-admission"
         url = self.api(f"api/kernels/{kernel_id}/channels").with_query(query)
         try:
-            ws = await self.http.ws_connect(url, headers=forwarded_headers(request.headers))
+            ws = await self.http.ws_connect(url, headers=credential_headers(request.headers))
         except aiohttp.WSServerHandshakeError as error:
             return error.status
         await ws.close()
@@ -131,7 +143,7 @@ class Upstream:
         """The kernels jupyter-server lets the caller read, asked with the caller's own
         credentials: its permission (``/api/me?permissions=``), then its list of kernels."""
         query = {k: v for k, v in request.query.items() if k == "token"}
-        headers = forwarded_headers(request.headers)
+        headers = credential_headers(request.headers)
         wanted = json.dumps({"kernels": ["read"]})
         me = self.api("api/me").with_query({**query, "permissions": wanted})
         async with self.http.get(me, headers=headers) as resp:
@@ -150,7 +162,7 @@ class Upstream:
     async def identity(self, request: web.Request) -> tuple[int, dict[str, Any] | None]:
         """jupyter-server's /api/me for the caller, asked with the caller's credentials."""
         query = {k: v for k, v in request.query.items() if k == "token"}
-        headers = forwarded_headers(request.headers)
+        headers = credential_headers(request.headers)
         async with self.http.get(self.api("api/me").with_query(query), headers=headers) as resp:
             if resp.status != 200:
                 return resp.status, None

@@ -205,3 +205,19 @@ def test_how_a_stream_is_chunked_does_not_change_what_is_shown(
     chunked = fold(*(stream(chunk) for chunk in chunks if chunk))
     outputs = chunked.cells["c"].outputs
     assert (outputs[0]["text"] if outputs else "") == render_stream_text(whole)
+
+
+@given(st.lists(st.text(alphabet="aé😀\r\n\x08", max_size=8), max_size=15))
+def test_edits_applied_to_a_y_cell_give_the_folded_outputs(chunks: list[str]) -> None:
+    """Y Text offsets are UTF-8 bytes: the writer's translation keeps every character."""
+    from pycrdt import Array, Doc, Map
+
+    from proxy.taps.yfold import _apply
+
+    doc = Doc()
+    doc["cell"] = ycell = Map({"outputs": Array()})
+    notebook = fold(*(stream(chunk) for chunk in chunks), stream("end", "stderr"))
+    for edit in notebook.take_edits():
+        _apply(ycell, edit)
+    written = [{**output, "text": str(output["text"])} for output in ycell["outputs"].to_py()]
+    assert written == notebook.cells["c"].outputs

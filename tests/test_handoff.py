@@ -181,3 +181,78 @@ async def test_a_cell_executed_again_meanwhile_is_not_overwritten(
         assert running.proxy.folder is not None and not running.proxy.folder.rooms
     finally:
         await staying.close()
+
+
+async def _until_done(http: aiohttp.ClientSession, location: str, timeout: float = 30) -> Any:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        async with http.get(location) as resp:
+            if resp.status != 202:
+                return resp.status, await resp.json(), resp.headers.get("Location")
+        assert asyncio.get_running_loop().time() < deadline, "execution did not end"
+        await asyncio.sleep(0.1)
+
+
+async def test_server_side_execution_of_a_cell_from_its_y_document(
+    handoff, jupyter_server: JupyterServer
+) -> None:
+    running, kernel_id, name = handoff
+    origin = running.url.rstrip("/")
+    async with aiohttp.ClientSession(headers=jupyter_server.headers()) as http:
+        async with http.post(
+            running.url + f"api/kernels/{kernel_id}/execute",
+            json={"cell_id": "printing", "document_id": "json:notebook:unused"},
+        ) as resp:
+            assert resp.status == 202, await resp.text()
+            location = origin + resp.headers["Location"]
+        status, result, _ = await _until_done(http, location)
+        assert status == 200 and result["status"] == "ok" and result["execution_count"] == 1
+        streams = "".join(o["text"] for o in result["outputs"] if o["output_type"] == "stream")
+        assert streams == "".join(f"{i}\n" for i in range(8))
+
+        # jupyter-server-nbmodel's request shape, with input()
+        async with http.post(
+            running.url + f"api/kernels/{kernel_id}/execute",
+            json={"code": "name = input('name? ')\nprint('hi', name)",
+                  "metadata": {"cell_id": "other"}},
+        ) as resp:  # fmt: skip
+            location = origin + resp.headers["Location"]
+        status, waiting, input_location = await _until_done(http, location)
+        assert status == 300 and waiting["input_request"]["prompt"] == "name? "
+        async with http.post(origin + input_location, json={"input": "ada"}) as resp:
+            assert resp.status == 200
+        status, result, _ = await _until_done(http, location)
+        assert status == 200 and result["outputs"][0]["text"] == "hi ada\n"
+
+        async with http.post(
+            running.url + f"api/kernels/{kernel_id}/execute", json={"cell_id": "printing"},
+            params={"token": "wrong"}, headers={"Authorization": ""},
+        ) as resp:  # fmt: skip
+            assert resp.status == 403
+        async with http.post(
+            running.url + f"api/kernels/{kernel_id}/execute", data=b"{not json"
+        ) as resp:
+            assert resp.status == 400
+
+    viewer = await _Viewer.open(jupyter_server, name)
+    try:
+        cell = _cell(viewer, "printing")
+        assert _text(cell) == "".join(f"{i}\n" for i in range(8))
+        assert cell["execution_count"] == 1 and cell["execution_state"] == "idle"
+        assert _cell(viewer, "other")["outputs"][0]["text"] == "hi ada\n"
+    finally:
+        await viewer.close()
+    conn = running.db()
+    users = conn.execute("SELECT user, code FROM executions ORDER BY seq").fetchall()
+    assert [code for _, code in users] == [PRINTING, "name = input('name? ')\nprint('hi', name)"]
+    assert all(user for user, _ in users)  # named as jupyter-server's /api/me named the caller
+
+
+async def test_pages_turn_server_side_execution_on(handoff, jupyter_server: JupyterServer) -> None:
+    running, _, _ = handoff
+    async with (
+        aiohttp.ClientSession(headers=jupyter_server.headers()) as http,
+        http.get(running.url + "lab") as resp,
+    ):
+        page = await resp.text()
+    assert resp.status == 200 and '"serverSideExecution": "true"' in page

@@ -65,6 +65,12 @@ class OutputFolder(Tap):
         self._takeovers: dict[str, asyncio.TimerHandle] = {}  # client id → pending takeover
         self.rooms: dict[str, NotebookRoom] = {}
         self._room_users: dict[str, int] = {}
+        self._claimed: dict[str, NotebookRoom] = {}  # msg_id → room: the proxy's own requests
+
+    def claim(self, msg_id: str, room: NotebookRoom) -> None:
+        """The proxy itself is about to send this execute_request (server-side execution): it
+        writes the outputs from the start, as the only writer. ``room`` was joined for it."""
+        self._claimed[msg_id] = room
 
     # --- relay events --------------------------------------------------------------------------
 
@@ -139,6 +145,10 @@ class OutputFolder(Tap):
         kernel.executions[execution.msg_id] = execution
         kernel.fold.start(cell_id)
         kernel.fold.take_edits()
+        room = self._claimed.pop(execution.msg_id, None)
+        if room is not None:
+            execution.owner, execution.room = "proxy", room
+            self._rewrite(kernel, execution)
 
     def _finished(self, kernel: _Kernel, execution: _Execution) -> None:
         execution.finished = True
@@ -185,7 +195,7 @@ class OutputFolder(Tap):
                 self._finished_if_done(kernel, execution)
                 continue
             try:
-                room = await self._join(path)
+                room = await self.join(path)
             except CollaborationUnavailable as error:
                 log.warning("Cannot write outputs into %s: %s", path, error)
                 execution.owner = "nobody"
@@ -242,7 +252,8 @@ class OutputFolder(Tap):
 
     # --- rooms -----------------------------------------------------------------------------------
 
-    async def _join(self, path: str) -> NotebookRoom:
+    async def join(self, path: str) -> NotebookRoom:
+        """Join (or share) the room of a notebook; every join is released once."""
         room = self.rooms.get(path)
         if room is None:
             room = self.rooms[path] = self.room_for(path)
@@ -251,16 +262,16 @@ class OutputFolder(Tap):
         try:
             await room.ready()
         except CollaborationUnavailable:
-            self._leave(path)
+            self.leave(path)
             raise
         return room
 
     def _release(self, execution: _Execution) -> None:
         room, execution.room = execution.room, None
         if room is not None:
-            asyncio.get_running_loop().call_later(_ROOM_LINGER, self._leave, room.path)
+            asyncio.get_running_loop().call_later(_ROOM_LINGER, self.leave, room.path)
 
-    def _leave(self, path: str) -> None:
+    def leave(self, path: str) -> None:
         self._room_users[path] = self._room_users.get(path, 1) - 1
         if self._room_users[path] <= 0:
             del self._room_users[path]

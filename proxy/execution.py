@@ -1,0 +1,294 @@
+"""Server-side execution: ``POST /api/kernels/{id}/execute``, outside jupyter-server.
+
+Accepts JupyterLab's ``NotebookCellServerExecutor`` body ``{"cell_id", "document_id"}`` (the
+source is read from the notebook's Y document) and jupyter-server-nbmodel's ``{"code",
+"metadata": {"cell_id", ...}}``, and follows nbmodel's way to track a request:
+``202`` + ``Location: .../requests/{uid}``; ``GET`` it → ``202`` pending, ``300`` waiting for
+input (``POST /api/kernels/{id}/input {"input"}`` answers), ``200`` with the result; ``DELETE``
+it cancels a queued request or interrupts a running one. Executions of a kernel run one at a
+time, in order. The proxy sends each through its own link to the kernel, as a client named
+after the caller (so the audit trail says who ran it), and is the only writer of its outputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from jupyter_client.session import Session
+
+from .codecs import KERNEL_CHANNELS, Message, message_from_parts
+from .relay import Client, Relay
+from .taps.yfold import OutputFolder
+from .upstream import Upstream, credential_headers
+from .yroom import CollaborationUnavailable
+
+log = logging.getLogger("jupyter_replay_proxy.execution")
+
+INTERNAL = "replay-proxy-internal"  # the protocol name of the proxy's own clients
+
+
+@dataclass
+class _Job:
+    uid: str
+    kernel_id: str
+    cell_id: str | None
+    code: str | None
+    path: str | None
+    username: str | None
+    state: str = "queued"  # queued, running, done, cancelled
+    result: dict[str, Any] | None = None
+    input_request: Message | None = None
+    client: Client | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class ServerExecutor:
+    """Queues and runs server-side executions, one queue per kernel."""
+
+    def __init__(
+        self,
+        relay: Relay,
+        upstream: Upstream,
+        folder: OutputFolder,
+        notebook_of: Callable[[str], str | None],
+        backlog: Any,
+        last_seq: Callable[[], int],
+    ) -> None:
+        self.relay = relay
+        self.upstream = upstream
+        self.folder = folder
+        self.notebook_of = notebook_of
+        self.backlog = backlog
+        self.last_seq = last_seq
+        self.jobs: dict[str, _Job] = {}
+        self._queues: dict[str, asyncio.Queue[_Job]] = {}
+        self._workers: dict[str, asyncio.Task[None]] = {}
+
+    def add_routes(self, app: web.Application, base: str) -> None:
+        self.base = base
+        app.router.add_post(base + "api/kernels/{kernel_id}/execute", self.execute)
+        app.router.add_get(base + "api/kernels/{kernel_id}/requests/{uid}", self.request_state)
+        app.router.add_delete(base + "api/kernels/{kernel_id}/requests/{uid}", self.cancel)
+        app.router.add_post(base + "api/kernels/{kernel_id}/input", self.answer_input)
+
+    async def close(self) -> None:
+        for worker in self._workers.values():
+            worker.cancel()
+        for worker in self._workers.values():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await worker
+
+    # --- handlers ----------------------------------------------------------------------------
+
+    async def execute(self, request: web.Request) -> web.Response:
+        kernel_id = request.match_info["kernel_id"]
+        username = await self._authorize(request, kernel_id)
+        try:
+            body = await request.json()
+            if not isinstance(body, dict):
+                raise ValueError("the body must be a JSON object")
+        except ValueError as error:
+            raise _error(400, f"bad request body: {error}") from None
+        metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
+        cell_id = body.get("cell_id") or metadata.get("cell_id")
+        code = body.get("code")
+        if not isinstance(code, str | None) or not isinstance(cell_id, str | None):
+            raise _error(400, "code and cell_id must be strings")
+        if code is None and cell_id is None:
+            raise _error(400, "give cell_id (and document_id), or code")
+        path = metadata.get("document_path") or self.notebook_of(kernel_id)
+        if cell_id is not None and path is None:
+            raise _error(400, f"kernel {kernel_id} has no notebook session to write into")
+        job = _Job(uuid.uuid4().hex, kernel_id, cell_id, code, path, username)
+        self.jobs[job.uid] = job
+        self._queue(kernel_id).put_nowait(job)
+        location = self.base + f"api/kernels/{kernel_id}/requests/{job.uid}"
+        return web.json_response(
+            {"uid": job.uid, "status": "queued"}, status=202, headers={"Location": location}
+        )
+
+    async def request_state(self, request: web.Request) -> web.Response:
+        job = await self._job(request)
+        if job.state == "done":
+            return web.json_response(job.result)
+        if job.input_request is not None:
+            location = self.base + f"api/kernels/{job.kernel_id}/input"
+            content = job.input_request.content()
+            return web.json_response(
+                {"status": "input", "input_request": content},
+                status=300,
+                headers={"Location": location},
+            )
+        return web.json_response({"status": job.state}, status=202)
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        job = await self._job(request)
+        if job.state == "queued":
+            job.state = "cancelled"
+            job.result = {"status": "cancelled"}
+            job.done.set()
+        elif job.state == "running":
+            url = self.upstream.api(f"api/kernels/{job.kernel_id}/interrupt")
+            headers = credential_headers(request.headers)
+            query = {k: v for k, v in request.query.items() if k == "token"}
+            async with self.upstream.http.post(url.with_query(query), headers=headers) as resp:
+                if resp.status >= 400:
+                    raise _error(resp.status, "jupyter-server refused the interrupt")
+        return web.json_response({"status": job.state})
+
+    async def answer_input(self, request: web.Request) -> web.Response:
+        kernel_id = request.match_info["kernel_id"]
+        await self._authorize(request, kernel_id)
+        try:
+            answer = (await request.json())["input"]
+            if not isinstance(answer, str):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            raise _error(400, 'the body must be {"input": "<text>"}') from None
+        job = next(
+            (j for j in self.jobs.values() if j.kernel_id == kernel_id and j.input_request),
+            None,
+        )
+        if job is None or job.client is None or job.input_request is None:
+            raise _error(400, "no execution of this kernel is waiting for input")
+        reply = _message(
+            "stdin", "input_reply", {"value": answer}, job.username,
+            parent=json.loads(job.input_request.parts[0]),
+        )  # fmt: skip
+        job.input_request = None
+        relay = await self.relay.kernel(kernel_id)
+        relay.from_client(job.client, reply)
+        return web.json_response({"status": "sent"})
+
+    async def _job(self, request: web.Request) -> _Job:
+        kernel_id = request.match_info["kernel_id"]
+        await self._authorize(request, kernel_id)
+        job = self.jobs.get(request.match_info["uid"])
+        if job is None or job.kernel_id != kernel_id:
+            raise _error(404, "no such request")
+        return job
+
+    async def _authorize(self, request: web.Request, kernel_id: str) -> str | None:
+        """Only who jupyter-server would let run code on the kernel (its channels), named as
+        /api/me names them."""
+        status = await self.upstream.admit(request, kernel_id)
+        if status != 101:
+            raise _error(status if status in (401, 403, 404) else 403, "refused by jupyter-server")
+        _, identity = await self.upstream.identity(request)
+        return (identity or {}).get("username")
+
+    # --- running -------------------------------------------------------------------------------
+
+    def _queue(self, kernel_id: str) -> asyncio.Queue[_Job]:
+        queue = self._queues.get(kernel_id)
+        if queue is None:
+            queue = self._queues[kernel_id] = asyncio.Queue()
+            self._workers[kernel_id] = asyncio.ensure_future(self._work(kernel_id, queue))
+        return queue
+
+    async def _work(self, kernel_id: str, queue: asyncio.Queue[_Job]) -> None:
+        while True:
+            job = await queue.get()
+            if job.state == "cancelled":
+                continue
+            job.state = "running"
+            try:
+                job.result = await self._run(job)
+            except (CollaborationUnavailable, LookupError, RuntimeError) as error:
+                log.warning("Server-side execution %s failed: %s", job.uid, error)
+                job.result = {"status": "error", "ename": type(error).__name__,
+                              "evalue": str(error), "traceback": []}  # fmt: skip
+            job.state = "done"
+            job.done.set()
+
+    async def _run(self, job: _Job) -> dict[str, Any]:
+        room = None
+        code = job.code
+        if job.cell_id is not None:
+            assert job.path is not None
+            room = await self.folder.join(job.path)
+            ycell = room.cell(job.cell_id)
+            if ycell is None:
+                self.folder.leave(job.path)
+                raise LookupError(f"no cell {job.cell_id} in {job.path}")
+            if code is None:
+                code = str(ycell["source"])
+        relay = await self.relay.kernel(job.kernel_id)
+        client = job.client = Client(
+            uuid.uuid4().hex, job.kernel_id, f"replay-proxy-execute-{job.uid}", INTERNAL,
+            username=job.username,
+        )  # fmt: skip
+        metadata = {"cellId": job.cell_id} if job.cell_id else {}
+        request = _message(
+            "shell", "execute_request",
+            {"code": code or "", "silent": False, "store_history": True, "user_expressions": {},
+             "allow_stdin": True, "stop_on_error": True},
+            job.username, metadata=metadata,
+        )  # fmt: skip
+        if room is not None:
+            self.folder.claim(request.msg_id, room)
+        relay.attach(client)
+        client.sent_seq = self.last_seq()
+        reply: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+
+        async def receive(message: Message) -> None:
+            if message.parent_msg_id != request.msg_id:
+                return
+            if message.msg_type == "input_request":
+                job.input_request = message
+            elif message.msg_type == "execute_reply" and not reply.done():
+                reply.set_result(message)
+
+        async def confirm(seq: int) -> None:
+            relay.confirm_delivery(client, seq)
+
+        pump = asyncio.ensure_future(client.pump(receive, confirm, self.backlog, self.last_seq))
+        try:
+            relay.from_client(client, request)
+            answer = await reply
+        finally:
+            relay.detach(client)
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+        content = answer.content()
+        result = {
+            "status": content.get("status"),
+            "execution_count": content.get("execution_count"),
+        }
+        if job.cell_id is not None and room is not None:
+            ycell = room.cell(job.cell_id)
+            result["outputs"] = ycell["outputs"].to_py() if ycell is not None else []
+        if content.get("status") == "error":
+            result.update({k: content.get(k) for k in ("ename", "evalue", "traceback")})
+        return result
+
+
+def _message(
+    channel: str,
+    msg_type: str,
+    content: dict[str, Any],
+    username: str | None,
+    *,
+    metadata: dict[str, Any] | None = None,
+    parent: dict[str, Any] | None = None,
+) -> Message:
+    """A message of the proxy's own, shaped as a frontend's (the kernel link signs it)."""
+    session = Session(key=b"", username=username or "replay-proxy")
+    msg = session.msg(msg_type, content, parent=parent, metadata=metadata or {})
+    parts = [session.pack(msg[key]) for key in ("header", "parent_header", "metadata", "content")]
+    return message_from_parts(channel, parts, allowed_channels=KERNEL_CHANNELS, validate_body=True)
+
+
+def _error(status: int, reason: str) -> web.HTTPException:
+    kinds = {400: web.HTTPBadRequest, 401: web.HTTPUnauthorized, 404: web.HTTPNotFound}
+    kind = kinds.get(status, web.HTTPForbidden)
+    return kind(text=json.dumps({"message": reason}), content_type="application/json")
