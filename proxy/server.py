@@ -397,11 +397,13 @@ class ReplayProxy:
     async def _forward_http(self, request: web.Request) -> web.StreamResponse:
         url = self.upstream.url(request.path_qs)
         body = request.content if request.body_exists else None
+        headers = forwarded_headers(request.headers)
+        if self._may_be_app_page(request):
+            headers.popall("Accept-Encoding", None)  # its page config is rewritten: plain text
         try:
             upstream = await self.upstream.http.request(
-                request.method, url, headers=forwarded_headers(request.headers), data=body,
-                allow_redirects=False,
-            )  # fmt: skip
+                request.method, url, headers=headers, data=body, allow_redirects=False
+            )
         except aiohttp.ClientError as error:
             log.warning(
                 "Upstream request failed: %s %s: %s", request.method, redact(request.path), error
@@ -420,15 +422,21 @@ class ReplayProxy:
             await response.write_eof()
         return response
 
-    def _is_app_page(self, request: web.Request, upstream: aiohttp.ClientResponse) -> bool:
-        """A JupyterLab or Notebook 7 page, whose page config turns server-side execution on."""
+    def _may_be_app_page(self, request: web.Request) -> bool:
+        """A request for a JupyterLab or Notebook 7 page, whose page config turns server-side
+        execution on."""
         return (
             self.executor is not None
             and request.method == "GET"
+            and request.path.startswith(tuple(self.upstream.base_url + p for p in _APP_PAGES))
+        )
+
+    def _is_app_page(self, request: web.Request, upstream: aiohttp.ClientResponse) -> bool:
+        return (
+            self._may_be_app_page(request)
             and upstream.status == 200
             and upstream.content_type == "text/html"
             and "Content-Encoding" not in upstream.headers
-            and request.path.startswith(tuple(self.upstream.base_url + p for p in _APP_PAGES))
         )
 
     async def _serve_page(
@@ -436,11 +444,17 @@ class ReplayProxy:
     ) -> web.StreamResponse:
         page = await upstream.read()
         marker = b'<script id="jupyter-config-data" type="application/json">'
-        start = page.find(marker)
-        if start >= 0:
-            brace = page.find(b"{", start + len(marker))
-            if brace >= 0:  # the option is read as a string: any non-empty value turns it on
-                page = page[: brace + 1] + b'"serverSideExecution": "true", ' + page[brace + 1 :]
+        start = page.find(marker) + len(marker)
+        end = page.find(b"</script>", start)
+        if start >= len(marker) and end >= 0:
+            try:
+                config = json.loads(page[start:end])
+            except ValueError:
+                log.warning("Cannot read the page config of %s", request.path)
+            else:  # jupyter-collaboration writes it too, as false; the lab reads "true" only
+                config["serverSideExecution"] = "true"
+                rewritten = json.dumps(config).replace("</", "<\\/").encode()
+                page = page[:start] + rewritten + page[end:]
         del response.headers["Content-Length"]
         response.content_length = len(page)
         await response.prepare(request)

@@ -5,6 +5,7 @@ jupyter-collaboration and ipykernel)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -255,4 +256,6 @@ async def test_pages_turn_server_side_execution_on(handoff, jupyter_server: Jupy
         http.get(running.url + "lab") as resp,
     ):
         page = await resp.text()
-    assert resp.status == 200 and '"serverSideExecution": "true"' in page
+    start = page.index('<script id="jupyter-config-data" type="application/json">')
+    config = page[page.index(">", start) + 1 : page.index("</script>", start)]
+    assert resp.status == 200 and json.loads(config)["serverSideExecution"] == "true"

@@ -1,0 +1,151 @@
+"""JupyterLab in a real browser (Debian's chromium, driven by playwright) through the proxy:
+a cell that keeps printing after its tab closed shows every line, its count and no [*] when
+the notebook is opened again; two tabs open at once both show every line exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import uuid
+from pathlib import Path
+
+import nbformat
+import pytest
+from playwright.async_api import Browser, Page, async_playwright
+
+from .conftest import JupyterServer, make_proxy
+
+CHROMIUM = "/usr/bin/chromium"
+LINES = 12
+CODE = (
+    f"import time\nfor i in range({LINES}):\n    print(f'line {{i}}', flush=True)\n"
+    "    time.sleep(0.4)"
+)
+EXPECTED = "".join(f"line {i}\n" for i in range(LINES))
+
+
+@pytest.fixture
+async def browser() -> Browser:
+    if shutil.which(CHROMIUM) is None:  # CI installs it (.ci/run): never skipped
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium")
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"],
+        )  # fmt: skip
+        yield launched
+        await launched.close()
+
+
+def _notebook(root: Path, name: str) -> None:
+    notebook = nbformat.v4.new_notebook()
+    notebook.metadata["kernelspec"] = {
+        "name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python",
+    }  # fmt: skip
+    cell = nbformat.v4.new_code_cell(CODE)
+    cell["id"] = "printing"
+    notebook.cells.append(cell)
+    nbformat.write(notebook, root / name)
+
+
+def _lab_url(proxy_url: str, name: str, token: str) -> str:
+    """The notebook in a workspace of its own: JupyterLab restores a workspace's open documents,
+    and the default one is shared by every browser."""
+    return proxy_url + f"lab/workspaces/{uuid.uuid4().hex}/tree/{name}?reset&token={token}"
+
+
+async def _open(browser: Browser, url: str) -> Page:
+    page = await (await browser.new_context()).new_page()
+    page.set_default_timeout(60_000)
+    await page.goto(url)
+    await page.locator(".jp-Notebook .jp-Cell").first.wait_for()
+    # the kernel is ready once the toolbar's kernel status shows it idle
+    await page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for()
+    return page
+
+
+async def _output(page: Page) -> str:
+    return await page.locator(".jp-Cell").first.locator(".jp-OutputArea").inner_text()
+
+
+async def _prompt(page: Page) -> str:
+    return await page.locator(".jp-Cell").first.locator(".jp-InputPrompt").inner_text()
+
+
+async def _wait_for(page: Page, text: str, timeout: float = 60) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while text not in await _output(page):
+        assert asyncio.get_running_loop().time() < deadline, f"no {text!r} in the output"
+        await asyncio.sleep(0.2)
+
+
+def _lines(shown: str) -> str:
+    return "".join(line + "\n" for line in shown.splitlines() if line.startswith("line "))
+
+
+@pytest.mark.parametrize("server_side", [True, False], ids=["server-side", "client-side"])
+async def test_jupyterlab_tab_closed_mid_run_then_reopened(
+    aiohttp_server, jupyter_server: JupyterServer, tmp_path: Path, browser: Browser,
+    server_side: bool,
+) -> None:  # fmt: skip
+    name = f"browser-{'server' if server_side else 'client'}.ipynb"
+    _notebook(jupyter_server.root_dir, name)
+    running = await make_proxy(
+        aiohttp_server, jupyter_server.url, jupyter_server.token, jupyter_server.runtime_dir,
+        tmp_path / "log.sqlite", link="zmq", handoff_grace=1.0,
+        server_side_execution=server_side,
+    )  # fmt: skip
+    first = await _open(browser, _lab_url(running.url, name, jupyter_server.token))
+    await first.locator(".jp-Cell").first.click()
+    await first.keyboard.press("Shift+Enter")
+    await _wait_for(first, "line 2")
+    await first.context.close()  # the tab goes away while the cell prints on
+
+    await asyncio.sleep(0.4 * LINES)  # the cell ends with nobody watching
+    second = await _open(browser, _lab_url(running.url, name, jupyter_server.token))
+    try:
+        await _wait_for(second, f"line {LINES - 1}")
+        for _ in range(50):  # the count and the idle prompt follow the last line
+            if await _prompt(second) == "[1]:":
+                break
+            await asyncio.sleep(0.2)
+        assert _lines(await _output(second)) == EXPECTED
+        assert await _prompt(second) == "[1]:"  # not [*]
+    finally:
+        await second.context.close()
+
+    def saved() -> dict:
+        return nbformat.read(jupyter_server.root_dir / name, as_version=4).cells[0]
+
+    for _ in range(100):
+        if saved().get("execution_count") == 1:
+            break
+        await asyncio.sleep(0.2)
+    cell = saved()
+    assert cell["execution_count"] == 1
+    assert "".join(o.get("text", "") for o in cell["outputs"]) == EXPECTED
+
+
+async def test_two_tabs_show_every_line_once(
+    aiohttp_server, jupyter_server: JupyterServer, tmp_path: Path, browser: Browser
+) -> None:
+    name = "browser-two-tabs.ipynb"
+    _notebook(jupyter_server.root_dir, name)
+    running = await make_proxy(
+        aiohttp_server, jupyter_server.url, jupyter_server.token, jupyter_server.runtime_dir,
+        tmp_path / "log.sqlite", link="zmq",
+    )  # fmt: skip
+    one = await _open(browser, _lab_url(running.url, name, jupyter_server.token))
+    two = await _open(browser, _lab_url(running.url, name, jupyter_server.token))
+    try:
+        await one.locator(".jp-Cell").first.click()
+        await one.keyboard.press("Shift+Enter")
+        for page in (one, two):
+            await _wait_for(page, f"line {LINES - 1}")
+        await asyncio.sleep(1.0)  # anything duplicated would have arrived by now
+        for page in (one, two):
+            assert _lines(await _output(page)) == EXPECTED
+    finally:
+        await one.context.close()
+        await two.context.close()
