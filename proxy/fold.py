@@ -161,6 +161,11 @@ class NotebookFold:
     def cell(self, cell_id: str) -> CellOutputs:
         return self.cells.setdefault(cell_id, CellOutputs())
 
+    def forget(self, cell_id: str) -> None:
+        """Drop a cell nobody will write into any more (its display ids with it)."""
+        self.cells.pop(cell_id, None)
+        self._forget_displays(cell_id)
+
     def take_edits(self) -> list[Edit]:
         edits, self.edits = self.edits, []
         return edits
@@ -233,7 +238,7 @@ class NotebookFold:
         display_id = (content.get("transient") or {}).get("display_id")
         for cell_id, index in self._displays.get(display_id, []):
             outputs = self.cells[cell_id]._outputs
-            if index < len(outputs):
+            if index < len(outputs):  # (a cleared cell drops its targets: see _forget_displays)
                 outputs[index]["data"] = copy.deepcopy(content.get("data", {}))
                 outputs[index]["metadata"] = copy.deepcopy(content.get("metadata", {}))
                 self.edits.append(Edit("set", cell_id, index, output=copy.deepcopy(outputs[index])))
@@ -248,6 +253,9 @@ class NotebookFold:
         if cell._outputs:
             cell._outputs.clear()
             self.edits.append(Edit("clear", cell_id))
+        self._forget_displays(cell_id)
+
+    def _forget_displays(self, cell_id: str) -> None:
         self._displays = {
             display_id: kept
             for display_id, targets in self._displays.items()

@@ -303,7 +303,10 @@ class KernelRelay:
         message.seq = seq = self.next_seq()
         now = time.time()
         for tap in self.taps:
-            tap.message_relayed(seq, self.kernel_id, direction, message, client, now)
+            try:
+                tap.message_relayed(seq, self.kernel_id, direction, message, client, now)
+            except Exception:  # a tap's bug must not stop the relay (nor the other taps)
+                log.exception("%s failed on %s %s", type(tap).__name__, direction, message.msg_id)
 
     def from_client(self, client: Client, message: Message) -> None:
         """A frontend's message: remember who asked, log it, send it to the kernel."""

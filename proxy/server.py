@@ -332,7 +332,11 @@ class ReplayProxy:
                 log.warning("Client %s: %s", client.client_id[:8], ws.exception())
 
     async def _pump(self, client: Client, ws: web.WebSocketResponse) -> None:
+        hidden = self.folder.hides_from(client) if self.folder is not None else None
+
         async def send(message: Message) -> None:
+            if hidden is not None and hidden(message):
+                return
             frame = (with_seq(message) if client.expose_seq else message).encoded(client.protocol)
             if isinstance(frame, str):
                 await ws.send_str(frame)

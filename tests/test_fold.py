@@ -221,3 +221,13 @@ def test_edits_applied_to_a_y_cell_give_the_folded_outputs(chunks: list[str]) ->
         _apply(ycell, edit)
     written = [{**output, "text": str(output["text"])} for output in ycell["outputs"].to_py()]
     assert written == notebook.cells["c"].outputs
+
+
+def test_a_forgotten_cell_is_no_target_of_display_updates() -> None:
+    notebook = fold(display("v1", "bar"))
+    notebook.forget("c")
+    notebook.start("d")
+    notebook.apply("d", "update_display_data", {
+        "data": {"text/plain": "v2"}, "metadata": {}, "transient": {"display_id": "bar"},
+    })  # fmt: skip
+    assert "c" not in notebook.cells and notebook.cells["d"].outputs == []

@@ -259,3 +259,35 @@ async def test_pages_turn_server_side_execution_on(handoff, jupyter_server: Jupy
     start = page.index('<script id="jupyter-config-data" type="application/json">')
     config = page[page.index(">", start) + 1 : page.index("</script>", start)]
     assert resp.status == 200 and json.loads(config)["serverSideExecution"] == "true"
+
+
+async def test_a_returning_session_gets_its_reply_but_not_outputs_the_proxy_wrote(
+    handoff, jupyter_server: JupyterServer
+) -> None:
+    running, kernel_id, name = handoff
+    session = "returning-session"
+    client = await open_channels(running.url, kernel_id, jupyter_server.token, session_id=session)
+    msg_id = await client.send(
+        "shell", "execute_request",
+        {"code": PRINTING, "silent": False, "store_history": True, "user_expressions": {},
+         "allow_stdin": False, "stop_on_error": True},
+        {"cellId": "printing"},
+    )  # fmt: skip
+    while not any(m.msg_type == "stream" for m in client.received):
+        await client.recv()
+    await client.close()
+    viewer = await _Viewer.open(jupyter_server, name)
+    try:
+        await _until(lambda: _cell(viewer, "printing").get("execution_state") == "running")
+        back = await open_channels(running.url, kernel_id, jupyter_server.token, session_id=session)
+        try:
+            reply, iopub = await back.collect(msg_id)
+            assert reply.content()["status"] == "ok"
+            assert [m for m in iopub if m.msg_type == "stream"] == []  # the proxy wrote them
+            assert iopub[-1].msg_type == "status"  # the state still reaches it
+        finally:
+            await back.close()
+        await _until(lambda: _cell(viewer, "printing").get("execution_state") == "idle")
+        assert _text(_cell(viewer, "printing")) == "".join(f"{i}\n" for i in range(8))
+    finally:
+        await viewer.close()

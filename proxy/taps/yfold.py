@@ -12,6 +12,7 @@ into a cell that has been executed again since.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -66,6 +67,23 @@ class OutputFolder(Tap):
         self.rooms: dict[str, NotebookRoom] = {}
         self._room_users: dict[str, int] = {}
         self._claimed: dict[str, NotebookRoom] = {}  # msg_id → room: the proxy's own requests
+        # (kernel, session) → executions of that session the proxy took over: its outputs are
+        # the proxy's to write, so a returning client of the session is not sent them
+        self._taken: dict[tuple[str, str | None], collections.deque[str]] = {}
+
+    def hides_from(self, client: Client) -> Callable[[Message], bool]:
+        """Which messages the client must not get: outputs of its session's executions the
+        proxy took over (it would write them into the notebook a second time)."""
+        taken = self._taken.setdefault((client.kernel_id, client.session_id), _taken_deque())
+
+        def hidden(message: Message) -> bool:
+            return (
+                message.channel == "iopub"
+                and message.msg_type in OUTPUT_MESSAGES
+                and message.parent_msg_id in taken
+            )
+
+        return hidden
 
     def claim(self, msg_id: str, room: NotebookRoom) -> None:
         """The proxy itself is about to send this execute_request (server-side execution): it
@@ -162,7 +180,7 @@ class OutputFolder(Tap):
             kernel.executions.pop(execution.msg_id, None)
             if current:
                 del kernel.by_cell[execution.cell_id]
-                kernel.fold.cells.pop(execution.cell_id, None)
+                kernel.fold.forget(execution.cell_id)
 
     def _client_pending(self, execution: _Execution) -> bool:
         """Its client is gone and a takeover is waiting for the grace period to end."""
@@ -202,6 +220,8 @@ class OutputFolder(Tap):
                 self._finished_if_done(kernel, execution)
                 continue
             execution.owner, execution.room = "proxy", room
+            key = (execution.kernel_id, execution.session_id)
+            self._taken.setdefault(key, _taken_deque()).append(execution.msg_id)
             log.info("Writing the outputs of %s into %s (its client left)",
                      execution.msg_id, path)  # fmt: skip
             self._rewrite(kernel, execution)
@@ -214,7 +234,7 @@ class OutputFolder(Tap):
             kernel.executions.pop(execution.msg_id, None)
             if kernel.by_cell.get(execution.cell_id) is execution:
                 del kernel.by_cell[execution.cell_id]
-                kernel.fold.cells.pop(execution.cell_id, None)
+                kernel.fold.forget(execution.cell_id)
 
     def _rewrite(self, kernel: _Kernel, execution: _Execution) -> None:
         """Make the cell show what the fold has, whatever it showed before."""
@@ -286,6 +306,10 @@ class OutputFolder(Tap):
             with contextlib.suppress(Exception):
                 await room.close()
         self.rooms.clear()
+
+
+def _taken_deque() -> collections.deque[str]:
+    return collections.deque(maxlen=1000)  # a session returns within hours, not thousands of runs
 
 
 def _apply(ycell: Any, edit: Edit) -> None:
