@@ -154,7 +154,8 @@ class OutputFolder(Tap):
         kernel = self.kernels.setdefault(kernel_id, _Kernel())
         previous = kernel.by_cell.get(cell_id)
         if previous is not None and previous.owner == "proxy":
-            previous.owner = "nobody"
+            previous.owner = "nobody"  # executed again: the new execution owns the cell
+            self._release(previous)
         execution = _Execution(
             message.msg_id, kernel_id, cell_id,
             client.client_id if client else None, client.session_id if client else None,
