@@ -105,8 +105,8 @@ async def one_run(
         path = server.root_dir / name
         while True:
             await asyncio.sleep(0.05)
-            try:
-                cell = nbformat.read(path, as_version=4).cells[0]
+            try:  # on a thread: the viewer keeps reading its websocket meanwhile
+                cell = (await asyncio.to_thread(nbformat.read, path, as_version=4)).cells[0]
             except (ValueError, OSError):
                 continue
             text = "".join(o.get("text", "") for o in cell.outputs)

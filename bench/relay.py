@@ -58,7 +58,7 @@ class ProxyProcess:
             [
                 sys.executable, "-m", "proxy", "serve", f"--upstream={server.url}",
                 f"--port={self.port}", f"--db={db or tmp / 'bench.sqlite'}",
-                f"--ProxyApp.kernel_runtime_dir={server.runtime_dir}", "--log-level=WARN",
+                f"--ProxyApp.kernel_runtime_dir={server.runtime_dir}", "--log-level=INFO",
                 *extra,
             ],
             env=env, stdout=subprocess.DEVNULL, stderr=(tmp / "proxy.log").open("a"),

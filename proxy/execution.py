@@ -282,7 +282,7 @@ def _message(
     parent: dict[str, Any] | None = None,
 ) -> Message:
     """A message of the proxy's own, shaped as a frontend's (the kernel link signs it)."""
-    session = Session(key=b"", username=username or "replay-proxy")
+    session = Session(key=b"unused: the link signs", username=username or "replay-proxy")
     msg = session.msg(msg_type, content, parent=parent, metadata=metadata or {})
     parts = [session.pack(msg[key]) for key in ("header", "parent_header", "metadata", "content")]
     return message_from_parts(channel, parts, allowed_channels=KERNEL_CHANNELS, validate_body=True)

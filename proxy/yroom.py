@@ -28,6 +28,7 @@ from pycrdt import (
     create_sync_message,
     create_update_message,
     handle_sync_message,
+    merge_updates,
 )
 
 from .upstream import Upstream
@@ -35,6 +36,7 @@ from .upstream import Upstream
 log = logging.getLogger("jupyter_replay_proxy.yroom")
 
 _BACKOFF_MAX = 5.0
+_SEND_INTERVAL = 0.02  # seconds of local changes merged into one update message
 
 
 class CollaborationUnavailable(RuntimeError):
@@ -115,6 +117,7 @@ class NotebookRoom:
                         self._fresh_document()
                     first = False
                     await self._converse(ws)
+                log.info("The room of %s closed (%s); joining it again", self.path, ws.close_code)
                 delay = 0.25
             except CollaborationUnavailable as error:
                 self._fail(str(error))
@@ -133,6 +136,7 @@ class NotebookRoom:
         self.doc = Doc()
         self.notebook = YNotebook(self.doc)
         self._outgoing = asyncio.Queue()
+        self.synced.clear()
         for callback in self.on_new_document:
             callback()
 
@@ -164,12 +168,19 @@ class NotebookRoom:
 
     def _local_change(self, event: TransactionEvent) -> None:
         if not self._applying_remote:
-            self._outgoing.put_nowait(create_update_message(event.update))
+            self._outgoing.put_nowait(event.update)
 
     async def _send(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """Send local changes, those of one interval merged into one update: a cell printing
+        as fast as it can makes thousands of changes a second, and jupyter-collaboration's
+        room loses updates that come in faster than it applies them."""
         while True:
-            update = await self._outgoing.get()
-            await ws.send_bytes(update)
+            updates = [await self._outgoing.get()]
+            await asyncio.sleep(_SEND_INTERVAL)
+            while not self._outgoing.empty():
+                updates.append(self._outgoing.get_nowait())
+            merged = updates[0] if len(updates) == 1 else merge_updates(*updates)
+            await ws.send_bytes(create_update_message(merged))
 
 
 async def collaboration_problem(upstream: Upstream) -> str | None:

@@ -278,6 +278,7 @@ class OutputFolder(Tap):
         room = self.rooms.get(path)
         if room is None:
             room = self.rooms[path] = self.room_for(path)
+            room.on_new_document.append(lambda: in_background(self._rejoined(room)))
             room.start()
         self._room_users[path] = self._room_users.get(path, 0) + 1
         try:
@@ -286,6 +287,15 @@ class OutputFolder(Tap):
             self.leave(path)
             raise
         return room
+
+    async def _rejoined(self, room: NotebookRoom) -> None:
+        """The room was joined again with a fresh document (upstream restart, dropped
+        connection): write every cell the proxy owns there anew, from the fold."""
+        await room.synced.wait()
+        for kernel in self.kernels.values():
+            for execution in list(kernel.executions.values()):
+                if execution.room is room and execution.owner == "proxy":
+                    self._rewrite(kernel, execution)
 
     def _release(self, execution: _Execution) -> None:
         room, execution.room = execution.room, None
