@@ -208,6 +208,13 @@ class ServerExecutor:
                               "evalue": str(error), "traceback": []}  # fmt: skip
             job.state = "done"
             job.done.set()
+            self._forget_old_jobs()
+
+    def _forget_old_jobs(self, keep: int = 1000) -> None:
+        """Results are kept for whoever polls them, but not forever."""
+        done = [uid for uid, job in self.jobs.items() if job.state in ("done", "cancelled")]
+        for uid in done[: max(0, len(done) - keep)]:
+            del self.jobs[uid]
 
     async def _run(self, job: _Job) -> dict[str, Any]:
         room = None

@@ -21,6 +21,16 @@ from .conftest import JupyterServer, make_proxy, open_channels
 PRINTING = "import time\nfor i in range(8):\n    print(i, flush=True)\n    time.sleep(0.25)\n'done'"
 
 
+async def _run_in_cell(client: Any, code: str, cell_id: str) -> str:
+    """Send an execute_request for a notebook cell, as JupyterLab does; its msg_id."""
+    return await client.send(
+        "shell", "execute_request",
+        {"code": code, "silent": False, "store_history": True, "user_expressions": {},
+         "allow_stdin": False, "stop_on_error": True},
+        {"cellId": cell_id},
+    )  # fmt: skip
+
+
 def _notebook(root: Path, name: str, cells: dict[str, str]) -> None:
     notebook = nbformat.v4.new_notebook()
     for cell_id, source in cells.items():
@@ -102,12 +112,7 @@ async def test_a_cell_whose_tab_closed_mid_run_gets_every_output(
 ) -> None:
     running, kernel_id, name = handoff
     client = await open_channels(running.url, kernel_id, jupyter_server.token)
-    msg_id = await client.send(
-        "shell", "execute_request",
-        {"code": PRINTING, "silent": False, "store_history": True, "user_expressions": {},
-         "allow_stdin": False, "stop_on_error": True},
-        {"cellId": "printing"},
-    )  # fmt: skip
+    msg_id = await _run_in_cell(client, PRINTING, "printing")
     lines = 0
     while lines < 2:
         message = await client.recv()
@@ -162,20 +167,10 @@ async def test_a_cell_executed_again_meanwhile_is_not_overwritten(
 ) -> None:
     running, kernel_id, _ = handoff
     leaving = await open_channels(running.url, kernel_id, jupyter_server.token)
-    await leaving.send(
-        "shell", "execute_request",
-        {"code": PRINTING, "silent": False, "store_history": True, "user_expressions": {},
-         "allow_stdin": False, "stop_on_error": True},
-        {"cellId": "printing"},
-    )  # fmt: skip
+    await _run_in_cell(leaving, PRINTING, "printing")
     staying = await open_channels(running.url, kernel_id, jupyter_server.token)
     try:
-        again = await staying.send(
-            "shell", "execute_request",
-            {"code": "print('second run')", "silent": False, "store_history": True,
-             "user_expressions": {}, "allow_stdin": False, "stop_on_error": True},
-            {"cellId": "printing"},
-        )  # fmt: skip
+        again = await _run_in_cell(staying, "print('second run')", "printing")
         await leaving.close()
         await staying.collect(again)
         await asyncio.sleep(1.0)
@@ -267,12 +262,7 @@ async def test_a_returning_session_gets_its_reply_but_not_outputs_the_proxy_wrot
     running, kernel_id, name = handoff
     session = "returning-session"
     client = await open_channels(running.url, kernel_id, jupyter_server.token, session_id=session)
-    msg_id = await client.send(
-        "shell", "execute_request",
-        {"code": PRINTING, "silent": False, "store_history": True, "user_expressions": {},
-         "allow_stdin": False, "stop_on_error": True},
-        {"cellId": "printing"},
-    )  # fmt: skip
+    msg_id = await _run_in_cell(client, PRINTING, "printing")
     while not any(m.msg_type == "stream" for m in client.received):
         await client.recv()
     await client.close()
