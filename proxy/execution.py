@@ -47,6 +47,7 @@ class _Job:
     result: dict[str, Any] | None = None
     input_request: Message | None = None
     client: Client | None = None
+    reply: asyncio.Future[Message] | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -185,6 +186,12 @@ class ServerExecutor:
         _, identity = await self.upstream.identity(request)
         return (identity or {}).get("username")
 
+    def kernel_restarted(self, kernel_id: str) -> None:
+        """A restart through the proxy: the running request will get no reply."""
+        for job in self.jobs.values():
+            if job.kernel_id == kernel_id and job.reply is not None and not job.reply.done():
+                job.reply.set_exception(RuntimeError("the kernel was restarted"))
+
     # --- running -------------------------------------------------------------------------------
 
     def _queue(self, kernel_id: str) -> asyncio.Queue[_Job]:
@@ -245,8 +252,13 @@ class ServerExecutor:
         relay.attach(client)
         client.sent_seq = self.last_seq()
         reply: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        job.reply = reply
 
         async def receive(message: Message) -> None:
+            if message.msg_type == "status" and not reply.done():
+                state = message.content().get("execution_state")
+                if state in ("restarting", "dead"):  # no reply will come
+                    reply.set_exception(RuntimeError(f"the kernel is {state}"))
             if message.parent_msg_id != request.msg_id:
                 return
             if message.msg_type == "input_request":

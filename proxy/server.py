@@ -395,6 +395,10 @@ class ReplayProxy:
             relay = self.relay.kernels.get(restarted[1]) if restarted else None
             if relay is not None and response.status == 200:
                 relay.link.resync()  # before any request of the client can reach the kernel
+                if self.executor is not None:
+                    self.executor.kernel_restarted(relay.kernel_id)
+                if self.folder is not None:
+                    self.folder.kernel_restarted(relay.kernel_id)
             in_background(self.refresh_kernels())  # link to a new kernel at once
         return response
 

@@ -281,3 +281,27 @@ async def test_a_returning_session_gets_its_reply_but_not_outputs_the_proxy_wrot
         assert _text(_cell(viewer, "printing")) == "".join(f"{i}\n" for i in range(8))
     finally:
         await viewer.close()
+
+
+async def test_a_kernel_restart_ends_a_waiting_server_side_execution(
+    handoff, jupyter_server: JupyterServer
+) -> None:
+    running, kernel_id, name = handoff
+    origin = running.url.rstrip("/")
+    async with aiohttp.ClientSession(headers=jupyter_server.headers()) as http:
+        async with http.post(
+            running.url + f"api/kernels/{kernel_id}/execute",
+            json={"code": "import time\ntime.sleep(60)", "metadata": {"cell_id": "other"}},
+        ) as resp:
+            location = origin + resp.headers["Location"]
+        await asyncio.sleep(1.0)
+        async with http.post(running.url + f"api/kernels/{kernel_id}/restart") as resp:
+            assert resp.status == 200
+        status, result, _ = await _until_done(http, location)
+    assert status == 200 and result["status"] == "error"
+    assert "restart" in result["evalue"]
+    viewer = await _Viewer.open(jupyter_server, name)
+    try:  # the cell does not stay [*]
+        await _until(lambda: _cell(viewer, "other").get("execution_state") == "idle")
+    finally:
+        await viewer.close()

@@ -27,6 +27,7 @@ from ..yroom import CollaborationUnavailable, NotebookRoom, set_outputs, youtput
 
 log = logging.getLogger("jupyter_replay_proxy.yfold")
 
+_GONE = ("restarting", "dead")  # statuses after which a kernel answers no earlier request
 _ROOM_LINGER = 5.0  # seconds a room stays joined after the last write (the server saves ~1 s on)
 
 
@@ -106,6 +107,11 @@ class OutputFolder(Tap):
                 self._requested(kernel_id, message, client)
             return
         kernel = self.kernels.get(kernel_id)
+        if kernel is not None and message.msg_type == "status" and message.channel == "iopub":
+            content = message.content()
+            if isinstance(content, dict) and content.get("execution_state") in _GONE:
+                self.kernel_restarted(kernel_id)
+                return
         execution = kernel.executions.get(message.parent_msg_id or "") if kernel else None
         if kernel is None or execution is None:
             return
@@ -120,6 +126,12 @@ class OutputFolder(Tap):
             content = message.content()
             execution.reply = content if isinstance(content, dict) else {}
             self._finished(kernel, execution)
+
+    def kernel_restarted(self, kernel_id: str) -> None:
+        """No earlier request will be answered: unfinished executions end as they stand."""
+        kernel = self.kernels.get(kernel_id)
+        for waiting in [e for e in kernel.executions.values() if not e.finished] if kernel else []:
+            self._finished(kernel, waiting)
 
     def client_left(self, client: Client) -> None:
         if any(
