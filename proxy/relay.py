@@ -424,7 +424,8 @@ class Relay:
             except Exception as error:
                 log.warning("Cannot link to kernel %s: %s", kernel_id, error)
         for kernel_id in set(self.kernels) - running:
-            if listed_at is None or self.kernels[kernel_id].linked_at < listed_at:
+            relay = self.kernels.get(kernel_id)  # (another sync may have dropped it meanwhile)
+            if relay is not None and (listed_at is None or relay.linked_at < listed_at):
                 await self.drop(kernel_id)
 
     async def drop(self, kernel_id: str) -> None:

@@ -435,6 +435,7 @@ class ReplayProxy:
         execution on."""
         return (
             self.executor is not None
+            and self.collaboration_error is None  # the option is jupyter-collaboration's
             and request.method == "GET"
             and request.path.startswith(tuple(self.upstream.base_url + p for p in _APP_PAGES))
         )
@@ -463,7 +464,7 @@ class ReplayProxy:
                 config["serverSideExecution"] = "true"
                 rewritten = json.dumps(config).replace("</", "<\\/").encode()
                 page = page[:start] + rewritten + page[end:]
-        del response.headers["Content-Length"]
+        response.headers.popall("Content-Length", None)
         response.content_length = len(page)
         await response.prepare(request)
         await response.write(page)
