@@ -80,7 +80,7 @@ class AuditApi:
     async def export(self, request: web.Request) -> web.Response:
         query = await self._filter(request)
         if not (query.kernel or query.session or query.notebook):
-            raise _bad_request("export needs kernel, session or notebook")
+            raise json_error(400, "export needs kernel, session or notebook")
         query.limit = None
         notebook = await self._read(lambda conn: audit.export_notebook(conn, query))
         name = (query.notebook or query.kernel or query.session or "export").rsplit("/", 1)[-1]
@@ -130,7 +130,7 @@ class AuditApi:
                 query.channels = q.getall("channel", [])
                 query.parent = q.get("parent")
         except ValueError as error:  # QueryError is one
-            raise _bad_request(str(error)) from None
+            raise json_error(400, str(error)) from None
         return query
 
     async def _read(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
@@ -156,15 +156,18 @@ def _page(items: list[dict[str, Any]], query: audit.Filter) -> web.Response:
     )
 
 
+def json_error(status: int, reason: str) -> web.HTTPException:
+    """An error of the proxy's own endpoints, as jupyter-server words them: {"message": ...}.
+    Statuses other than 400, 401 and 404 become 403."""
+    kinds = {400: web.HTTPBadRequest, 401: web.HTTPUnauthorized, 404: web.HTTPNotFound}
+    kind = kinds.get(status, web.HTTPForbidden)
+    return kind(text=json.dumps({"message": reason}), content_type="application/json")
+
+
 def _refusal(status: int) -> web.HTTPException:
     """jupyter-server's answer passed on: 401 stays 401, any other refusal is a 403."""
-    body = json.dumps({"message": "jupyter-server does not let the caller read kernels"})
-    refusal = web.HTTPUnauthorized if status == 401 else web.HTTPForbidden
-    return refusal(text=body, content_type="application/json")
-
-
-def _bad_request(reason: str) -> web.HTTPBadRequest:
-    return web.HTTPBadRequest(text=json.dumps({"message": reason}), content_type="application/json")
+    reason = "jupyter-server does not let the caller read kernels"
+    return json_error(401 if status == 401 else 403, reason)
 
 
 def _safe(name: str) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 from aiohttp import web
 from jupyter_client.session import Session
 
+from .api import json_error
 from .codecs import KERNEL_CHANNELS, Message, message_from_parts
 from .relay import Client, Relay
 from .taps.yfold import OutputFolder
@@ -97,17 +98,17 @@ class ServerExecutor:
             if not isinstance(body, dict):
                 raise ValueError("the body must be a JSON object")
         except ValueError as error:
-            raise _error(400, f"bad request body: {error}") from None
+            raise json_error(400, f"bad request body: {error}") from None
         metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
         cell_id = body.get("cell_id") or metadata.get("cell_id")
         code = body.get("code")
         if not isinstance(code, str | None) or not isinstance(cell_id, str | None):
-            raise _error(400, "code and cell_id must be strings")
+            raise json_error(400, "code and cell_id must be strings")
         if code is None and cell_id is None:
-            raise _error(400, "give cell_id (and document_id), or code")
+            raise json_error(400, "give cell_id (and document_id), or code")
         path = metadata.get("document_path") or self.notebook_of(kernel_id)
         if cell_id is not None and path is None:
-            raise _error(400, f"kernel {kernel_id} has no notebook session to write into")
+            raise json_error(400, f"kernel {kernel_id} has no notebook session to write into")
         job = _Job(uuid.uuid4().hex, kernel_id, cell_id, code, path, username)
         self.jobs[job.uid] = job
         self._queue(kernel_id).put_nowait(job)
@@ -142,7 +143,7 @@ class ServerExecutor:
             query = {k: v for k, v in request.query.items() if k == "token"}
             async with self.upstream.http.post(url.with_query(query), headers=headers) as resp:
                 if resp.status >= 400:
-                    raise _error(resp.status, "jupyter-server refused the interrupt")
+                    raise json_error(resp.status, "jupyter-server refused the interrupt")
         return web.json_response({"status": job.state})
 
     async def answer_input(self, request: web.Request) -> web.Response:
@@ -153,13 +154,13 @@ class ServerExecutor:
             if not isinstance(answer, str):
                 raise TypeError
         except (ValueError, KeyError, TypeError):
-            raise _error(400, 'the body must be {"input": "<text>"}') from None
+            raise json_error(400, 'the body must be {"input": "<text>"}') from None
         job = next(
             (j for j in self.jobs.values() if j.kernel_id == kernel_id and j.input_request),
             None,
         )
         if job is None or job.client is None or job.input_request is None:
-            raise _error(400, "no execution of this kernel is waiting for input")
+            raise json_error(400, "no execution of this kernel is waiting for input")
         reply = _message(
             "stdin", "input_reply", {"value": answer}, job.username,
             parent=json.loads(job.input_request.parts[0]),
@@ -174,7 +175,7 @@ class ServerExecutor:
         await self._authorize(request, kernel_id)
         job = self.jobs.get(request.match_info["uid"])
         if job is None or job.kernel_id != kernel_id:
-            raise _error(404, "no such request")
+            raise json_error(404, "no such request")
         return job
 
     async def _authorize(self, request: web.Request, kernel_id: str) -> str | None:
@@ -182,7 +183,9 @@ class ServerExecutor:
         /api/me names them."""
         status = await self.upstream.admit(request, kernel_id)
         if status != 101:
-            raise _error(status if status in (401, 403, 404) else 403, "refused by jupyter-server")
+            raise json_error(
+                status if status in (401, 403, 404) else 403, "refused by jupyter-server"
+            )
         _, identity = await self.upstream.identity(request)
         return (identity or {}).get("username")
 
@@ -305,9 +308,3 @@ def _message(
     msg = session.msg(msg_type, content, parent=parent, metadata=metadata or {})
     parts = [session.pack(msg[key]) for key in ("header", "parent_header", "metadata", "content")]
     return message_from_parts(channel, parts, allowed_channels=KERNEL_CHANNELS, validate_body=True)
-
-
-def _error(status: int, reason: str) -> web.HTTPException:
-    kinds = {400: web.HTTPBadRequest, 401: web.HTTPUnauthorized, 404: web.HTTPNotFound}
-    kind = kinds.get(status, web.HTTPForbidden)
-    return kind(text=json.dumps({"message": reason}), content_type="application/json")

@@ -57,8 +57,9 @@ def is_server_state(message: Message) -> bool:
     )  # fmt: skip
 
 
-class _RecentIds:
-    """The msg_ids a link delivered lately, so a message arriving twice is relayed once."""
+class RecentIds:
+    """A bounded set of recent msg_ids, e.g. what a link delivered lately, so a message arriving
+    twice is relayed once."""
 
     def __init__(self, size: int = 100_000) -> None:
         self._order: collections.deque[str] = collections.deque()
@@ -73,6 +74,9 @@ class _RecentIds:
         if len(self._order) > self.size:
             self._ids.discard(self._order.popleft())
         return True
+
+    def __contains__(self, msg_id: object) -> bool:
+        return msg_id in self._ids
 
 
 class _Presence:
@@ -178,7 +182,7 @@ class ZmqLink:
         self._iopub_flowing = asyncio.Event()
         self._held: list[Message] = []  # client messages sent before iopub was flowing
         self._nudges: set[str] = set()
-        self.recent = _RecentIds()
+        self.recent = RecentIds()
         # Until `joined`, iopub from zmq waits in `_early` while the presence relays what
         # jupyter-server buffered; once the presence reaches zmq's first message, zmq goes on.
         self.joined = False

@@ -179,6 +179,15 @@ async def test_a_cell_executed_again_meanwhile_is_not_overwritten(
         await staying.close()
 
 
+async def _queue_execution(
+    http: aiohttp.ClientSession, proxy_url: str, kernel_id: str, body: dict[str, Any]
+) -> str:
+    """POST a server-side execution; the URL to follow it at."""
+    async with http.post(proxy_url + f"api/kernels/{kernel_id}/execute", json=body) as resp:
+        assert resp.status == 202, await resp.text()
+        return proxy_url.rstrip("/") + resp.headers["Location"]
+
+
 async def _until_done(http: aiohttp.ClientSession, location: str, timeout: float = 30) -> Any:
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
@@ -195,24 +204,18 @@ async def test_server_side_execution_of_a_cell_from_its_y_document(
     running, kernel_id, name = handoff
     origin = running.url.rstrip("/")
     async with aiohttp.ClientSession(headers=jupyter_server.headers()) as http:
-        async with http.post(
-            running.url + f"api/kernels/{kernel_id}/execute",
-            json={"cell_id": "printing", "document_id": "json:notebook:unused"},
-        ) as resp:
-            assert resp.status == 202, await resp.text()
-            location = origin + resp.headers["Location"]
+        location = await _queue_execution(
+            http, running.url, kernel_id, {"cell_id": "printing", "document_id": "json:notebook:x"}
+        )
         status, result, _ = await _until_done(http, location)
         assert status == 200 and result["status"] == "ok" and result["execution_count"] == 1
         streams = "".join(o["text"] for o in result["outputs"] if o["output_type"] == "stream")
         assert streams == "".join(f"{i}\n" for i in range(8))
 
         # jupyter-server-nbmodel's request shape, with input()
-        async with http.post(
-            running.url + f"api/kernels/{kernel_id}/execute",
-            json={"code": "name = input('name? ')\nprint('hi', name)",
-                  "metadata": {"cell_id": "other"}},
-        ) as resp:  # fmt: skip
-            location = origin + resp.headers["Location"]
+        location = await _queue_execution(http, running.url, kernel_id, {
+            "code": "name = input('name? ')\nprint('hi', name)", "metadata": {"cell_id": "other"},
+        })  # fmt: skip
         status, waiting, input_location = await _until_done(http, location)
         assert status == 300 and waiting["input_request"]["prompt"] == "name? "
         async with http.post(origin + input_location, json={"input": "ada"}) as resp:
@@ -287,13 +290,10 @@ async def test_a_kernel_restart_ends_a_waiting_server_side_execution(
     handoff, jupyter_server: JupyterServer
 ) -> None:
     running, kernel_id, name = handoff
-    origin = running.url.rstrip("/")
     async with aiohttp.ClientSession(headers=jupyter_server.headers()) as http:
-        async with http.post(
-            running.url + f"api/kernels/{kernel_id}/execute",
-            json={"code": "import time\ntime.sleep(60)", "metadata": {"cell_id": "other"}},
-        ) as resp:
-            location = origin + resp.headers["Location"]
+        location = await _queue_execution(http, running.url, kernel_id, {
+            "code": "import time\ntime.sleep(60)", "metadata": {"cell_id": "other"},
+        })  # fmt: skip
         await asyncio.sleep(1.0)
         async with http.post(running.url + f"api/kernels/{kernel_id}/restart") as resp:
             assert resp.status == 200

@@ -12,7 +12,6 @@ into a cell that has been executed again since.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import json
 import logging
@@ -22,6 +21,7 @@ from typing import Any
 
 from ..codecs import Message
 from ..fold import OUTPUT_MESSAGES, Edit, NotebookFold
+from ..links import RecentIds
 from ..relay import FROM_KERNEL, Client, Tap, in_background
 from ..yroom import CollaborationUnavailable, NotebookRoom, set_outputs, youtput
 
@@ -70,19 +70,18 @@ class OutputFolder(Tap):
         self._claimed: dict[str, NotebookRoom] = {}  # msg_id → room: the proxy's own requests
         # (kernel, session) → executions of that session the proxy took over: its outputs are
         # the proxy's to write, so a returning client of the session is not sent them
-        self._taken: dict[tuple[str, str | None], collections.deque[str]] = {}
+        self._taken: dict[tuple[str, str | None], RecentIds] = {}
 
     def hides_from(self, client: Client) -> Callable[[Message], bool]:
         """Which messages the client must not get: outputs of its session's executions the
         proxy took over (it would write them into the notebook a second time)."""
-        taken = self._taken.setdefault((client.kernel_id, client.session_id), _taken_deque())
+        key = (client.kernel_id, client.session_id)
 
         def hidden(message: Message) -> bool:
-            return (
-                message.channel == "iopub"
-                and message.msg_type in OUTPUT_MESSAGES
-                and message.parent_msg_id in taken
-            )
+            if message.channel != "iopub" or message.msg_type not in OUTPUT_MESSAGES:
+                return False
+            taken = self._taken.get(key)
+            return taken is not None and message.parent_msg_id in taken
 
         return hidden
 
@@ -190,10 +189,14 @@ class OutputFolder(Tap):
             self._write(kernel, execution)
             self._release(execution)
         if execution.owner != "client" or not self._client_pending(execution):
-            kernel.executions.pop(execution.msg_id, None)
-            if current:
-                del kernel.by_cell[execution.cell_id]
-                kernel.fold.forget(execution.cell_id)
+            self._forget(kernel, execution)
+
+    def _forget(self, kernel: _Kernel, execution: _Execution) -> None:
+        """Nothing more will be written for this execution: drop it (and its cell's fold)."""
+        kernel.executions.pop(execution.msg_id, None)
+        if kernel.by_cell.get(execution.cell_id) is execution:
+            del kernel.by_cell[execution.cell_id]
+            kernel.fold.forget(execution.cell_id)
 
     def _client_pending(self, execution: _Execution) -> bool:
         """Its client is gone and a takeover is waiting for the grace period to end."""
@@ -234,7 +237,8 @@ class OutputFolder(Tap):
                 continue
             execution.owner, execution.room = "proxy", room
             key = (execution.kernel_id, execution.session_id)
-            self._taken.setdefault(key, _taken_deque()).append(execution.msg_id)
+            # a session returns within hours, not thousands of executions
+            self._taken.setdefault(key, RecentIds(1000)).first_time(execution.msg_id)
             log.info("Writing the outputs of %s into %s (its client left)",
                      execution.msg_id, path)  # fmt: skip
             self._rewrite(kernel, execution)
@@ -244,10 +248,7 @@ class OutputFolder(Tap):
 
     def _finished_if_done(self, kernel: _Kernel, execution: _Execution) -> None:
         if execution.finished:
-            kernel.executions.pop(execution.msg_id, None)
-            if kernel.by_cell.get(execution.cell_id) is execution:
-                del kernel.by_cell[execution.cell_id]
-                kernel.fold.forget(execution.cell_id)
+            self._forget(kernel, execution)
 
     def _rewrite(self, kernel: _Kernel, execution: _Execution) -> None:
         """Make the cell show what the fold has, whatever it showed before."""
@@ -329,10 +330,6 @@ class OutputFolder(Tap):
             with contextlib.suppress(Exception):
                 await room.close()
         self.rooms.clear()
-
-
-def _taken_deque() -> collections.deque[str]:
-    return collections.deque(maxlen=1000)  # a session returns within hours, not thousands of runs
 
 
 def _apply(ycell: Any, edit: Edit) -> None:
