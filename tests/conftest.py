@@ -85,6 +85,7 @@ def start_jupyter_server(tmp: Path, *extra_args: str) -> JupyterServer:
             *extra_args,
         ],
         env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=tmp,  # jupyter-collaboration keeps its .jupyter_ystore.db in the working directory
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 60

@@ -47,6 +47,7 @@ async def test_lab_command_runs_jupyterlab_behind_the_proxy(tmp_path: Path) -> N
     process = subprocess.Popen(
         [sys.executable, "-m", "proxy", "lab", f"--port={port}", f"--root-dir={tmp_path}"],
         env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=tmp_path,  # where JupyterLab keeps its .jupyter_ystore.db
     )  # fmt: skip
     try:
         match = await asyncio.to_thread(
