@@ -284,3 +284,13 @@ def decode_client_frame(protocol: str, frame: bytes | str, *, max_size: int) -> 
     if isinstance(frame, str):
         return decode_legacy_text(frame)
     return decode_legacy_binary(frame)
+
+
+def readdressed(message: Message, session: str, metadata: dict[str, Any]) -> Message:
+    """A copy as if its request had come from `session`, with `metadata` added: how the proxy
+    shows a frontend an input_request of an execution the frontend did not send."""
+    parent = {**message.parent_header, "session": session}
+    merged = {**json.loads(message.parts[2] or b"{}"), **metadata}
+    parts = [message.parts[0], json.dumps(parent).encode(), json.dumps(merged).encode(),
+             *message.parts[3:]]  # fmt: skip
+    return Message(message.channel, parts, message.header, parent, message.seq)

@@ -8,6 +8,8 @@ input (``POST /api/kernels/{id}/input {"input"}`` answers), ``200`` with the res
 it cancels a queued request or interrupts a running one. Executions of a kernel run one at a
 time, in order. The proxy sends each through its own link to the kernel, as a client named
 after the caller (so the audit trail says who ran it), and is the only writer of its outputs.
+An input() prompt goes to every frontend of the kernel too (addressed to each, with the cell's
+id), so a browser shows it in the cell; whoever answers first answers.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from aiohttp import web
 from jupyter_client.session import Session
 
 from .api import json_error
-from .codecs import KERNEL_CHANNELS, Message, message_from_parts
-from .relay import Client, Relay
+from .codecs import KERNEL_CHANNELS, Message, message_from_parts, readdressed
+from .relay import TO_KERNEL, Client, Relay, Tap
 from .taps.yfold import OutputFolder
 from .upstream import Upstream, credential_headers
 from .yroom import CollaborationUnavailable
@@ -52,8 +54,8 @@ class _Job:
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-class ServerExecutor:
-    """Queues and runs server-side executions, one queue per kernel."""
+class ServerExecutor(Tap):
+    """Queues and runs server-side executions, one queue per kernel. Also a relay tap."""
 
     def __init__(
         self,
@@ -195,6 +197,39 @@ class ServerExecutor:
             if job.kernel_id == kernel_id and job.reply is not None and not job.reply.done():
                 job.reply.set_exception(RuntimeError("the kernel was restarted"))
 
+    # --- input() prompts for frontends ----------------------------------------------------------
+
+    def client_joined(self, client: Client) -> None:
+        """A frontend that joins while an execution waits for input is asked too."""
+        if client.protocol == INTERNAL:
+            return
+        for job in self.jobs.values():
+            if job.kernel_id == client.kernel_id and job.input_request is not None:
+                self._ask(client, job)
+
+    def message_relayed(
+        self,
+        seq: int,
+        kernel_id: str,
+        direction: str,
+        message: Message,
+        client: Client | None,
+        received_at: float,
+    ) -> None:
+        """Whoever answered (a frontend, or POST input), the execution waits no longer."""
+        if direction != TO_KERNEL or message.msg_type != "input_reply":
+            return
+        for job in self.jobs.values():
+            if job.input_request is not None and job.input_request.msg_id == message.parent_msg_id:
+                job.input_request = None
+
+    def _ask(self, client: Client, job: _Job) -> None:
+        """Show `client` the prompt as if it had sent the request: stock JupyterLab hands such a
+        message to its frontend plugins (this proxy serves one that renders it in the cell)."""
+        assert job.input_request is not None
+        metadata = {"cellId": job.cell_id} if job.cell_id else {}
+        client.deliver(readdressed(job.input_request, client.session_id or "", metadata))
+
     # --- running -------------------------------------------------------------------------------
 
     def _queue(self, kernel_id: str) -> asyncio.Queue[_Job]:
@@ -266,6 +301,9 @@ class ServerExecutor:
                 return
             if message.msg_type == "input_request":
                 job.input_request = message
+                for other in list(relay.clients.values()):
+                    if other.protocol != INTERNAL:
+                        self._ask(other, job)
             elif message.msg_type == "execute_reply" and not reply.done():
                 reply.set_result(message)
 

@@ -43,6 +43,9 @@ log = logging.getLogger("jupyter_replay_proxy")
 #: Path of the proxy's own endpoints, below the base URL.
 OWN_PREFIX = "replay-proxy/"
 _APP_PAGES = ("lab", "doc", "notebooks", "tree", "edit", "consoles")  # pages with page config
+#: The proxy's frontend plugin (input() of server-side executions), as a federated extension.
+LABEXTENSION = "jupyter-replay-proxy"
+_LABEXTENSION_FILE = Path(__file__).parent / "labextension" / "remoteEntry.js"
 
 CLOSE_MALFORMED = 1007  # RFC 6455: data inconsistent with the message type
 CLOSE_TOO_BIG = 1009
@@ -126,6 +129,7 @@ class ReplayProxy:
                 self.relay, upstream, self.folder, self._notebooks.get, self.replayer,
                 lambda: writer.last_seq,
             )  # fmt: skip
+            self.taps.append(self.executor)
         self.zmq_context = zmq.asyncio.Context()
         self._sockets: dict[Client, web.WebSocketResponse] = {}
         self._poller: asyncio.Task[None] | None = None
@@ -140,6 +144,9 @@ class ReplayProxy:
         app.router.add_get(base + OWN_PREFIX + "api/status", self.status)
         if self.executor is not None:
             self.executor.add_routes(app, base)
+            app.router.add_get(
+                base + f"lab/extensions/{LABEXTENSION}/remoteEntry.js", self.labextension
+            )
         self.audit.add_routes(app, base + OWN_PREFIX + "api/")
         app.router.add_route("*", "/{tail:.*}", self.forward)
         app.on_startup.append(self._startup)
@@ -430,6 +437,15 @@ class ReplayProxy:
             await response.write_eof()
         return response
 
+    async def labextension(self, request: web.Request) -> web.Response:
+        """The plugin the app pages load: shows a cell's input() prompt of a server-side
+        execution (stock JupyterLab only shows prompts of requests it sent itself)."""
+        return web.Response(
+            body=_LABEXTENSION_FILE.read_bytes(),
+            content_type="application/javascript",
+            headers={"Cache-Control": "no-cache"},
+        )
+
     def _may_be_app_page(self, request: web.Request) -> bool:
         """A request for a JupyterLab or Notebook 7 page, whose page config turns server-side
         execution on."""
@@ -462,6 +478,11 @@ class ReplayProxy:
                 log.warning("Cannot read the page config of %s", request.path)
             else:  # jupyter-collaboration writes it too, as false; the lab reads "true" only
                 config["serverSideExecution"] = "true"
+                if config.get("fullLabextensionsUrl") == self.upstream.base_url + "lab/extensions":
+                    extensions = config.setdefault("federated_extensions", [])
+                    extensions.append(
+                        {"name": LABEXTENSION, "load": "remoteEntry.js", "extension": "./extension"}
+                    )
                 rewritten = json.dumps(config).replace("</", "<\\/").encode()
                 page = page[:start] + rewritten + page[end:]
         response.headers.popall("Content-Length", None)

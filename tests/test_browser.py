@@ -1,6 +1,7 @@
 """JupyterLab in a real browser (Debian's chromium, driven by playwright) through the proxy:
 a cell that keeps printing after its tab closed shows every line, its count and no [*] when
-the notebook is opened again; two tabs open at once both show every line exactly once."""
+the notebook is opened again; two tabs open at once both show every line exactly once; input()
+of a server-side execution is answered in the cell."""
 
 from __future__ import annotations
 
@@ -38,12 +39,12 @@ async def browser() -> Browser:
         await launched.close()
 
 
-def _notebook(root: Path, name: str) -> None:
+def _notebook(root: Path, name: str, code: str = CODE) -> None:
     notebook = nbformat.v4.new_notebook()
     notebook.metadata["kernelspec"] = {
         "name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python",
     }  # fmt: skip
-    cell = nbformat.v4.new_code_cell(CODE)
+    cell = nbformat.v4.new_code_cell(code)
     cell["id"] = "printing"
     notebook.cells.append(cell)
     nbformat.write(notebook, root / name)
@@ -61,7 +62,9 @@ async def _open(browser: Browser, url: str) -> Page:
     await page.goto(url)
     await page.locator(".jp-Notebook .jp-Cell").first.wait_for()
     # the kernel is ready once the toolbar's kernel status shows it idle
+    await page.locator(".jp-Notebook .jp-Cell").first.wait_for()
     await page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for()
+    await asyncio.sleep(3)
     return page
 
 
@@ -149,3 +152,27 @@ async def test_two_tabs_show_every_line_once(
     finally:
         await one.context.close()
         await two.context.close()
+
+
+async def test_input_of_a_server_side_execution_is_answered_in_the_cell(
+    aiohttp_server, jupyter_server: JupyterServer, tmp_path: Path, browser: Browser
+) -> None:
+    name = "browser-input.ipynb"
+    _notebook(jupyter_server.root_dir, name, "name = input('Name?')\nprint('hello', name)")
+    running = await make_proxy(
+        aiohttp_server, jupyter_server.url, jupyter_server.token, jupyter_server.runtime_dir,
+        tmp_path / "log.sqlite", link="zmq", server_side_execution=True,
+    )  # fmt: skip
+    page = await _open(browser, _lab_url(running.url, name, jupyter_server.token))
+    try:
+        await page.locator(".jp-Cell").first.click()
+        await page.keyboard.press("Shift+Enter")
+        answer = page.locator(".jp-Cell").first.locator(".jp-Stdin-input")
+        await answer.fill("ada")
+        await answer.press("Enter")
+        await _wait_for(page, "hello ada")
+        assert await page.locator(".jp-Stdin-input").count() == 0
+        shown = [line for line in (await _output(page)).splitlines() if line]
+        assert shown == ["Name? ada", "hello ada"]
+    finally:
+        await page.context.close()

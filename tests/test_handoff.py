@@ -221,7 +221,8 @@ async def test_server_side_execution_of_a_cell_from_its_y_document(
         async with http.post(origin + input_location, json={"input": "ada"}) as resp:
             assert resp.status == 200
         status, result, _ = await _until_done(http, location)
-        assert status == 200 and result["outputs"][0]["text"] == "hi ada\n"
+        assert status == 200
+        assert [o["text"] for o in result["outputs"]] == ["name?  ada\n", "hi ada\n"]
 
         async with http.post(
             running.url + f"api/kernels/{kernel_id}/execute", json={"cell_id": "printing"},
@@ -238,13 +239,57 @@ async def test_server_side_execution_of_a_cell_from_its_y_document(
         cell = _cell(viewer, "printing")
         assert _text(cell) == "".join(f"{i}\n" for i in range(8))
         assert cell["execution_count"] == 1 and cell["execution_state"] == "idle"
-        assert _cell(viewer, "other")["outputs"][0]["text"] == "hi ada\n"
+        assert [o["text"] for o in _cell(viewer, "other")["outputs"]] == [
+            "name?  ada\n",  # the answer, echoed as JupyterLab echoes it
+            "hi ada\n",
+        ]
     finally:
         await viewer.close()
     conn = running.db()
     users = conn.execute("SELECT user, code FROM executions ORDER BY seq").fetchall()
     assert [code for _, code in users] == [PRINTING, "name = input('name? ')\nprint('hi', name)"]
     assert all(user for user, _ in users)  # named as jupyter-server's /api/me named the caller
+
+
+async def test_a_frontend_of_the_kernel_answers_input_of_a_server_side_execution(
+    handoff, jupyter_server: JupyterServer
+) -> None:
+    running, kernel_id, _ = handoff
+    watching = await open_channels(
+        running.url, kernel_id, jupyter_server.token, session_id="watching-tab"
+    )
+    try:
+        async with aiohttp.ClientSession(headers=jupyter_server.headers()) as http:
+            location = await _queue_execution(http, running.url, kernel_id, {
+                "code": "import getpass\nsecret = getpass.getpass('who? ')\nprint(len(secret))",
+                "metadata": {"cell_id": "other"},
+            })  # fmt: skip
+            prompt = await watching.recv()
+            while prompt.msg_type != "input_request":
+                prompt = await watching.recv()
+            # addressed to this frontend, as if it had sent the request: JupyterLab's plugin
+            # finds the cell by its id
+            assert prompt.parent_header["session"] == "watching-tab"
+            assert json.loads(prompt.parts[2])["cellId"] == "other"
+            late = await open_channels(running.url, kernel_id, jupyter_server.token)
+            try:  # a frontend opened while the prompt waits is asked as well
+                asked = await late.recv()
+                while asked.msg_type != "input_request":
+                    asked = await late.recv()
+                assert asked.msg_id == prompt.msg_id
+            finally:
+                await late.close()
+            await watching.send(
+                "stdin", "input_reply", {"status": "ok", "value": "grace"}, parent=prompt.header
+            )
+            status, result, _ = await _until_done(http, location)
+        assert status == 200 and result["status"] == "ok"
+        assert [o["text"] for o in result["outputs"]] == [
+            "who?  \u00b7\u00b7\u00b7\u00b7\u00b7\u00b7\u00b7\u00b7\n",
+            "5\n",
+        ]
+    finally:
+        await watching.close()
 
 
 async def test_pages_turn_server_side_execution_on(handoff, jupyter_server: JupyterServer) -> None:

@@ -6,7 +6,8 @@ duplicates them). When the client has been gone for ``grace`` seconds and one of
 executions was unfinished when it left, the proxy takes the execution over: it writes the
 cell's outputs as the fold has them (replacing whatever is there: idempotent), keeps them live
 until the reply, then sets the execution count and the idle state. An execution never writes
-into a cell that has been executed again since.
+into a cell that has been executed again since. An answer to an input() prompt is echoed into
+the outputs (``prompt value``, as JupyterLab shows it), so a proxy-written cell has it too.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class _Kernel:
     fold: NotebookFold = field(default_factory=NotebookFold)
     by_cell: dict[str, _Execution] = field(default_factory=dict)  # the latest execution
     executions: dict[str, _Execution] = field(default_factory=dict)  # unfinished or owned
+    prompts: dict[str, tuple[_Execution, dict[str, Any]]] = field(default_factory=dict)  # by id
 
 
 class OutputFolder(Tap):
@@ -104,6 +106,8 @@ class OutputFolder(Tap):
         if direction != FROM_KERNEL:
             if message.msg_type == "execute_request":
                 self._requested(kernel_id, message, client)
+            elif message.msg_type == "input_reply":
+                self._answered(kernel_id, message)
             return
         kernel = self.kernels.get(kernel_id)
         if kernel is not None and message.msg_type == "status" and message.channel == "iopub":
@@ -121,6 +125,10 @@ class OutputFolder(Tap):
             if isinstance(content, dict):
                 kernel.fold.apply(execution.cell_id, message.msg_type, content)
                 self._write(kernel, execution)
+        elif message.msg_type == "input_request":
+            request = message.content()
+            if isinstance(request, dict):
+                kernel.prompts[message.msg_id] = (execution, request)
         elif message.channel == "shell" and message.msg_type == "execute_reply":
             content = message.content()
             execution.reply = content if isinstance(content, dict) else {}
@@ -180,6 +188,22 @@ class OutputFolder(Tap):
             execution.owner, execution.room = "proxy", room
             self._rewrite(kernel, execution)
 
+    def _answered(self, kernel_id: str, reply: Message) -> None:
+        """Echo the answer to a prompt as JupyterLab does: a stdin stream of prompt and value."""
+        kernel = self.kernels.get(kernel_id)
+        asked = kernel.prompts.pop(reply.parent_msg_id or "", None) if kernel else None
+        if kernel is None or asked is None:
+            return
+        execution, request = asked
+        if kernel.by_cell.get(execution.cell_id) is not execution:
+            return
+        content = reply.content()
+        value = content.get("value", "") if isinstance(content, dict) else ""
+        shown = "\u00b7" * 8 if request.get("password") else str(value)
+        text = f"{request.get('prompt', '')} {shown}\n"
+        kernel.fold.apply(execution.cell_id, "stream", {"name": "stdin", "text": text})
+        self._write(kernel, execution)
+
     def _finished(self, kernel: _Kernel, execution: _Execution) -> None:
         execution.finished = True
         current = kernel.by_cell.get(execution.cell_id) is execution
@@ -194,6 +218,8 @@ class OutputFolder(Tap):
     def _forget(self, kernel: _Kernel, execution: _Execution) -> None:
         """Nothing more will be written for this execution: drop it (and its cell's fold)."""
         kernel.executions.pop(execution.msg_id, None)
+        for prompt_id in [p for p, (e, _) in kernel.prompts.items() if e is execution]:
+            del kernel.prompts[prompt_id]
         if kernel.by_cell.get(execution.cell_id) is execution:
             del kernel.by_cell[execution.cell_id]
             kernel.fold.forget(execution.cell_id)
