@@ -28,6 +28,7 @@ from proxy.codecs import (
     encode_legacy,
     encode_v1,
     message_from_parts,
+    readdressed,
 )
 
 json_values = st.recursive(
@@ -150,3 +151,15 @@ def test_message_is_encoded_once_per_protocol() -> None:
     )  # fmt: skip
     assert message.encoded(V1_SUBPROTOCOL) is message.encoded(V1_SUBPROTOCOL)
     assert message.encoded("legacy") is message.encoded("legacy")
+
+
+@given(messages(), st.text(), st.dictionaries(st.text(), json_values, max_size=3))
+def test_readdressed_changes_only_the_requester_and_adds_metadata(
+    message: Message, session: str, extra: dict
+) -> None:
+    copy = readdressed(message, session, extra)
+    decoded = decode_v1(encode_v1(copy), allowed_channels=KERNEL_CHANNELS)
+    assert decoded.parent_header == {**message.parent_header, "session": session}
+    assert json.loads(decoded.parts[2]) == {**json.loads(message.parts[2]), **extra}
+    assert decoded.parts[0] == message.parts[0] and decoded.parts[3:] == message.parts[3:]
+    assert json.loads(message.parts[1]) == message.parent_header  # the original is untouched
