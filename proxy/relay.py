@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from .codecs import Message, coalesce_streams
 
@@ -58,6 +58,10 @@ class Tap:
     ) -> None:
         """A message passed, to the kernel from `client` or from the kernel to `client`
         (None for iopub, which goes to every client, and for replies nobody is waiting for)."""
+
+    def kernel_remembered(self, kernel_id: str, memory: KernelMemory) -> None:
+        """The proxy links to a kernel, knowing from the log what happened before (after a
+        restart: what was still running); before any live message of that kernel."""
 
 
 class KernelLink(Protocol):
@@ -235,12 +239,24 @@ def is_execution_state(status: Message) -> bool:
 
 
 @dataclass
+class LoggedExecution:
+    """A notebook cell's execute_request the log has no reply to, with its outputs so far."""
+
+    msg_id: str
+    cell_id: str
+    client_id: str | None
+    session_id: str | None
+    outputs: list[tuple[str, dict[str, Any]]]  # (msg_type, content) of its iopub, in order
+
+
+@dataclass
 class KernelMemory:
     """What a kernel's relay must remember across a proxy restart, restored from the log."""
 
     requesters: dict[str, Client] = field(default_factory=dict)  # unanswered request -> sender
     last_status: Message | None = None
     pending_input: Message | None = None
+    unfinished: list[LoggedExecution] = field(default_factory=list)
 
 
 class KernelRelay:
@@ -403,6 +419,8 @@ class Relay:
         memory = await self.remember(kernel_id)
         link = self.link_factory(kernel_id, deliver, self._gone)
         relay = KernelRelay(kernel_id, link, self.taps, self.next_seq, memory)
+        for tap in self.taps:
+            tap.kernel_remembered(kernel_id, memory)
         await link.start()
         self.kernels[kernel_id] = relay
         log.info("Following kernel %s over a %s link", kernel_id, link.kind)

@@ -5,7 +5,12 @@ jupyter-collaboration and ipykernel)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +21,7 @@ import pytest
 from proxy.upstream import Upstream
 from proxy.yroom import NotebookRoom
 
-from .conftest import JupyterServer, make_proxy, open_channels
+from .conftest import JupyterServer, free_port, make_proxy, open_channels
 
 PRINTING = "import time\nfor i in range(8):\n    print(i, flush=True)\n    time.sleep(0.25)\n'done'"
 
@@ -350,3 +355,60 @@ async def test_a_kernel_restart_ends_a_waiting_server_side_execution(
         await _until(lambda: _cell(viewer, "other").get("execution_state") == "idle")
     finally:
         await viewer.close()
+
+
+def _serve(server: JupyterServer, port: int, db: Path) -> subprocess.Popen[bytes]:
+    """The proxy as its own process, so that it can be killed -9."""
+    return subprocess.Popen(
+        [
+            sys.executable, "-m", "proxy", "serve", f"--upstream={server.url}", f"--port={port}",
+            f"--db={db}", "--link=zmq", f"--ProxyApp.kernel_runtime_dir={server.runtime_dir}",
+            "--ProxyApp.handoff_grace=1",
+        ],
+        env={**os.environ, "JUPYTER_TOKEN": server.token},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+async def test_a_takeover_survives_kill_9_of_the_proxy(
+    jupyter_server: JupyterServer, tmp_path: Path
+) -> None:
+    name = "handoff-kill-9.ipynb"
+    code = "import time\nfor i in range(16):\n    print(i, flush=True)\n    time.sleep(0.25)"
+    _notebook(jupyter_server.root_dir, name, {"printing": code})
+    kernel_id = await _session(jupyter_server, jupyter_server.url, name)
+    port, db = free_port(), tmp_path / "log.sqlite"
+    url = f"http://127.0.0.1:{port}/"
+    process = _serve(jupyter_server, port, db)
+    try:
+        client = None
+        for _ in range(100):
+            with contextlib.suppress(aiohttp.ClientError):
+                client = await open_channels(url, kernel_id, jupyter_server.token)
+                break
+            await asyncio.sleep(0.2)
+        assert client is not None, "the proxy did not start"
+        msg_id = await _run_in_cell(client, code, "printing")
+        lines = 0
+        while lines < 3:
+            message = await client.recv()
+            if message.msg_type == "stream" and message.parent_msg_id == msg_id:
+                lines += message.content()["text"].count("\n")
+        await client.drain(quiet=0.1)  # what it relayed is committed (log_flush_interval)
+        process.send_signal(signal.SIGKILL)  # the proxy dies, and with it the tab's connection
+        process.wait()
+        await client.http.close()
+        await asyncio.sleep(0.5)  # the cell prints on with no proxy at all
+        process = _serve(jupyter_server, port, db)
+
+        viewer = await _Viewer.open(jupyter_server, name)
+        try:  # the new proxy finds the cell unfinished in the log and takes it over
+            await _until(lambda: _cell(viewer, "printing").get("execution_count") == 1, 30)
+            await _until(lambda: _cell(viewer, "printing").get("execution_state") == "idle", 30)
+            assert _text(_cell(viewer, "printing")) == "".join(f"{i}\n" for i in range(16))
+        finally:
+            await viewer.close()
+    finally:
+        process.kill()
+        process.wait()
+        await _delete_kernel(jupyter_server, kernel_id)

@@ -10,6 +10,7 @@ a proxy restart. Reads run on a thread of their own; the relay never waits on th
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import time
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from datetime import datetime
 from typing import Any
 
 from ..codecs import Message
-from ..relay import Client, KernelMemory, Tap
+from ..relay import Client, KernelMemory, LoggedExecution, Tap
 from .log import LogWriter
 
 _HISTORY = """
@@ -72,6 +73,38 @@ WHERE kernel_id = :kernel AND msg_type = 'status'
   AND coalesce(json_extract(parent_header, '$.msg_type'), 'execute_request') = 'execute_request'
 ORDER BY seq DESC
 LIMIT 1
+"""
+# The latest execution of each notebook cell, if it is still running: no reply, and no restart
+# of the kernel since (a restarted kernel answers no earlier request).
+_UNFINISHED_CELLS = """
+WITH cells AS (
+    SELECT m.seq, m.msg_id, m.client_id, json_extract(m.metadata, '$.cellId') AS cell_id
+    FROM messages AS m
+    WHERE m.kernel_id = :kernel AND m.direction = 'to_kernel' AND m.msg_type = 'execute_request'
+      AND m.seq > (SELECT coalesce(max(seq), 0) FROM messages) - :lookback
+),
+latest AS (
+    SELECT cell_id, max(seq) AS seq FROM cells WHERE cell_id IS NOT NULL GROUP BY cell_id
+)
+SELECT cells.msg_id, cells.cell_id, cells.client_id, c.session_id
+FROM cells
+JOIN latest USING (cell_id, seq)
+LEFT JOIN clients AS c ON c.client_id = cells.client_id
+WHERE NOT EXISTS (
+        SELECT 1 FROM messages AS r
+        WHERE r.parent_msg_id = cells.msg_id AND r.msg_type = 'execute_reply'
+    )
+    AND NOT EXISTS (
+        SELECT 1 FROM messages AS s
+        WHERE s.kernel_id = :kernel AND s.seq > cells.seq AND s.msg_type = 'status'
+          AND json_extract(s.content, '$.execution_state') IN ('restarting', 'dead')
+    )
+ORDER BY cells.seq
+"""
+_OUTPUTS_OF = """
+SELECT msg_type, content FROM messages
+WHERE parent_msg_id = :parent AND channel = 'iopub' AND direction = 'from_kernel'
+ORDER BY seq
 """
 _HAS_CHILD = """
 SELECT 1 FROM messages WHERE parent_msg_id = :parent AND msg_type = :msg_type LIMIT 1
@@ -245,6 +278,14 @@ class Replayer(Tap):
                 ).fetchone()
                 if not answered and not finished:
                     memory.pending_input = _message(pending, [])
+            for msg_id, cell_id, client_id, session_id in conn.execute(_UNFINISHED_CELLS, query):
+                outputs = [
+                    (msg_type, json.loads(content))
+                    for msg_type, content in conn.execute(_OUTPUTS_OF, {"parent": msg_id})
+                ]
+                memory.unfinished.append(
+                    LoggedExecution(msg_id, cell_id, client_id, session_id, outputs)
+                )
             return memory
 
         return await self._read(work)

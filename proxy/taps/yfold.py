@@ -23,7 +23,7 @@ from typing import Any
 from ..codecs import Message
 from ..fold import OUTPUT_MESSAGES, Edit, NotebookFold
 from ..links import RecentIds
-from ..relay import FROM_KERNEL, Client, Tap, in_background
+from ..relay import FROM_KERNEL, Client, KernelMemory, Tap, in_background
 from ..yroom import CollaborationUnavailable, NotebookRoom, set_outputs, youtput
 
 log = logging.getLogger("jupyter_replay_proxy.yfold")
@@ -43,6 +43,7 @@ class _Execution:
     reply: dict[str, Any] | None = None
     owner: str = "client"  # "client", "proxy", or "nobody" (superseded, or no notebook)
     room: NotebookRoom | None = None
+    restored: bool = False  # followed again after a proxy restart: its reply may never come
 
 
 @dataclass
@@ -125,6 +126,10 @@ class OutputFolder(Tap):
             if isinstance(content, dict):
                 kernel.fold.apply(execution.cell_id, message.msg_type, content)
                 self._write(kernel, execution)
+        elif message.msg_type == "status" and execution.restored and not execution.finished:
+            content = message.content()
+            if isinstance(content, dict) and content.get("execution_state") == "idle":
+                self._finished(kernel, execution)  # its reply went to the proxy that stopped
         elif message.msg_type == "input_request":
             request = message.content()
             if isinstance(request, dict):
@@ -150,6 +155,40 @@ class OutputFolder(Tap):
             self._takeovers[client.client_id] = loop.call_later(
                 self.grace, lambda: in_background(self._take_over(client))
             )
+
+    def kernel_remembered(self, kernel_id: str, memory: KernelMemory) -> None:
+        """After a restart of the proxy: cells still running are followed again, their outputs
+        so far folded from the log, and taken over once their clients have had the grace period
+        to come back (as if they had all just left; the proxy's own requests have no client)."""
+        if not memory.unfinished:
+            return
+        kernel = self.kernels.setdefault(kernel_id, _Kernel())
+        loop = asyncio.get_running_loop()
+        for logged in memory.unfinished:
+            client_id = logged.client_id or f"restored-{logged.msg_id}"
+            execution = _Execution(
+                logged.msg_id, kernel_id, logged.cell_id, client_id, logged.session_id,
+                restored=True,
+            )  # fmt: skip
+            kernel.by_cell[logged.cell_id] = execution
+            kernel.executions[logged.msg_id] = execution
+            kernel.fold.start(logged.cell_id)
+            for msg_type, content in logged.outputs:
+                if not isinstance(content, dict):
+                    continue
+                if msg_type in OUTPUT_MESSAGES:
+                    kernel.fold.apply(logged.cell_id, msg_type, content)
+                elif msg_type == "status" and content.get("execution_state") == "idle":
+                    execution.finished = True  # the reply was lost with the proxy
+                    kernel.fold.finish(logged.cell_id, None)
+            kernel.fold.take_edits()
+            if client_id not in self._takeovers:
+                gone = Client(client_id, kernel_id, logged.session_id, "", closed=True)
+                self._takeovers[client_id] = loop.call_later(
+                    self.grace, lambda gone=gone: in_background(self._take_over(gone))
+                )
+        log.info("Kernel %s: %d cell(s) still running when the proxy stopped",
+                 kernel_id, len(memory.unfinished))  # fmt: skip
 
     def client_joined(self, client: Client) -> None:
         """The same session back within the grace period: it writes its outputs again."""
