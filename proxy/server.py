@@ -133,6 +133,7 @@ class ReplayProxy:
         self.zmq_context = zmq.asyncio.Context()
         self._sockets: dict[Client, web.WebSocketResponse] = {}
         self._poller: asyncio.Task[None] | None = None
+        self._closing = False
         self.upstream_error: str | None = None
 
     # --- application -----------------------------------------------------------------------
@@ -174,8 +175,10 @@ class ReplayProxy:
         )
 
     async def _cleanup(self, app: web.Application) -> None:
-        if self._poller is not None:
+        self._closing = True
+        if self._poller is not None:  # stopped before the upstream session it polls with closes
             self._poller.cancel()
+            await asyncio.wait([self._poller], timeout=5)
         if self.executor is not None:
             await self.executor.close()
         if self.folder is not None:
@@ -216,7 +219,7 @@ class ReplayProxy:
                 self.writer.notebook_seen(kernel_id, path, session.get("type"))
 
     async def _follow_kernels(self) -> None:
-        while True:
+        while not self._closing:
             await self.refresh_kernels()
             await asyncio.sleep(self.settings.kernel_poll_interval)
 
