@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import site
 import statistics
 import subprocess
 import sys
@@ -44,12 +45,21 @@ class CountingViewer(NotebookRoom):
         await super()._receive(ws, data)
 
 
+NBMODEL = "jupyter_server_nbmodel==0.2.9"  # the release measured in the README
+
+
 def nbmodel_python(tmp: Path) -> str:
-    """A virtual environment with jupyter-server-nbmodel on top of this one's packages."""
+    """A virtual environment with jupyter-server-nbmodel on top of this one's packages (a .pth
+    file puts them on its path, whether this environment is a venv or the system's)."""
     venv = tmp / "nbmodel-venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = str(venv / "bin" / "python")
-    subprocess.run([python, "-m", "pip", "install", "-q", "jupyter_server_nbmodel"], check=True)
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    (Path(purelib) / "bench-parent.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    subprocess.run([python, "-m", "pip", "install", "-q", NBMODEL], check=True)
     return python
 
 
