@@ -59,12 +59,15 @@ class JupyterServer:
         return {"Authorization": f"token {self.token}"}
 
 
-def start_jupyter_server(tmp: Path, *extra_args: str) -> JupyterServer:
-    """A stock jupyter-server with jupyter-collaboration (and JupyterLab) on a loopback port."""
+def start_jupyter_server(
+    tmp: Path, *extra_args: str, port: int | None = None, token: str | None = None
+) -> JupyterServer:
+    """A stock jupyter-server with jupyter-collaboration (and JupyterLab) on a loopback port
+    (the given one and token: the same server started again)."""
     root, runtime = tmp / "root", tmp / "runtime"
     root.mkdir(parents=True, exist_ok=True)
     runtime.mkdir(parents=True, exist_ok=True)
-    port, token = free_port(), secrets.token_hex(16)
+    port, token = port or free_port(), token or secrets.token_hex(16)
     env = {
         **os.environ,
         "JUPYTER_TOKEN": token,

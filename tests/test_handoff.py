@@ -21,7 +21,14 @@ import pytest
 from proxy.upstream import Upstream
 from proxy.yroom import NotebookRoom
 
-from .conftest import JupyterServer, free_port, make_proxy, open_channels
+from .conftest import (
+    JupyterServer,
+    free_port,
+    make_proxy,
+    open_channels,
+    start_jupyter_server,
+    stop_jupyter_server,
+)
 
 PRINTING = "import time\nfor i in range(8):\n    print(i, flush=True)\n    time.sleep(0.25)\n'done'"
 
@@ -412,3 +419,35 @@ async def test_a_takeover_survives_kill_9_of_the_proxy(
         process.kill()
         process.wait()
         await _delete_kernel(jupyter_server, kernel_id)
+
+
+async def test_the_y_client_joins_again_after_an_upstream_restart(tmp_path: Path) -> None:
+    server = start_jupyter_server(tmp_path)
+    name = "rejoin.ipynb"
+    _notebook(server.root_dir, name, {"a": "1 + 1"})
+    upstream = Upstream(server.url, server.token)
+    await upstream.start()
+    room = NotebookRoom(upstream, name)
+    room.start()
+    try:
+        await room.ready()
+        first = room.doc
+        stop_jupyter_server(server)
+        port = int(server.url.rsplit(":", 1)[1].strip("/"))
+        server = start_jupyter_server(tmp_path, port=port, token=server.token)
+        # the old document session is refused: a new one, and a fresh document synced from it
+        await _until(lambda: room.doc is not first and room.synced.is_set(), 60)
+        ycell = room.cell("a")
+        assert ycell is not None and len(room.notebook.ycells) == 1  # nothing merged twice
+        with room.doc.transaction():
+            ycell["execution_count"] = 7
+        viewer = await _Viewer.open(server, name)
+        try:
+            await _until(lambda: _cell(viewer, "a").get("execution_count") == 7)
+            assert len(viewer.notebook.ycells) == 1
+        finally:
+            await viewer.close()
+    finally:
+        await room.close()
+        await upstream.close()
+        stop_jupyter_server(server)
