@@ -121,7 +121,7 @@ class ServerExecutor(Tap):
 
     async def request_state(self, request: web.Request) -> web.Response:
         job = await self._job(request)
-        if job.state == "done":
+        if job.state in ("done", "cancelled"):
             return web.json_response(job.result)
         if job.input_request is not None:
             location = self.base + f"api/kernels/{job.kernel_id}/input"

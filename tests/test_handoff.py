@@ -364,6 +364,52 @@ async def test_a_kernel_restart_ends_a_waiting_server_side_execution(
         await viewer.close()
 
 
+async def test_server_side_executions_are_interrupted_from_the_toolbar_and_the_api(
+    handoff, jupyter_server: JupyterServer
+) -> None:
+    running, kernel_id, name = handoff
+    sleeping = {"code": "import time\ntime.sleep(60)", "metadata": {"cell_id": "other"}}
+    async with aiohttp.ClientSession(headers=jupyter_server.headers()) as http:
+
+        async def until_running(location: str) -> None:
+            for _ in range(100):
+                async with http.get(location) as resp:
+                    if (await resp.json())["status"] == "running":
+                        return
+                await asyncio.sleep(0.1)
+            raise AssertionError("the execution never ran")
+
+        # JupyterLab's toolbar: the kernels API, through the proxy
+        location = await _queue_execution(http, running.url, kernel_id, sleeping)
+        await until_running(location)
+        await asyncio.sleep(0.5)  # inside time.sleep
+        async with http.post(running.url + f"api/kernels/{kernel_id}/interrupt") as resp:
+            assert resp.status == 204
+        status, result, _ = await _until_done(http, location)
+        assert status == 200 and result["status"] == "error"
+        assert result["ename"] == "KeyboardInterrupt"
+
+        # jupyter-server-nbmodel's way: DELETE the running request; a queued one is cancelled
+        location = await _queue_execution(http, running.url, kernel_id, sleeping)
+        queued = await _queue_execution(http, running.url, kernel_id, {"code": "print('never')"})
+        await until_running(location)
+        await asyncio.sleep(0.5)
+        async with http.delete(queued) as resp:
+            assert (await resp.json())["status"] == "cancelled"
+        async with http.delete(location) as resp:
+            assert resp.status == 200
+        status, result, _ = await _until_done(http, location)
+        assert status == 200 and result["ename"] == "KeyboardInterrupt"
+        status, result, _ = await _until_done(http, queued)
+        assert status == 200 and result["status"] == "cancelled"
+    viewer = await _Viewer.open(jupyter_server, name)
+    try:  # idle, and the cancelled request never ran
+        await _until(lambda: _cell(viewer, "other").get("execution_state") == "idle")
+        assert "never" not in json.dumps(_cell(viewer, "other")["outputs"])
+    finally:
+        await viewer.close()
+
+
 def _serve(server: JupyterServer, port: int, db: Path) -> subprocess.Popen[bytes]:
     """The proxy as its own process, so that it can be killed -9."""
     return subprocess.Popen(
