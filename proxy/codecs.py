@@ -290,7 +290,8 @@ def readdressed(message: Message, session: str, metadata: dict[str, Any]) -> Mes
     """A copy as if its request had come from `session`, with `metadata` added: how the proxy
     shows a frontend an input_request of an execution the frontend did not send."""
     parent = {**message.parent_header, "session": session}
-    merged = {**json.loads(message.parts[2] or b"{}"), **metadata}
+    original = json.loads(message.parts[2] or b"{}")
+    merged = {**(original if isinstance(original, dict) else {}), **metadata}
     parts = [message.parts[0], json.dumps(parent).encode(), json.dumps(merged).encode(),
              *message.parts[3:]]  # fmt: skip
     return Message(message.channel, parts, message.header, parent, message.seq)

@@ -163,8 +163,12 @@ class OutputFolder(Tap):
         if not memory.unfinished:
             return
         kernel = self.kernels.setdefault(kernel_id, _Kernel())
+        # a kernel linked again by this same process: what it follows, it followed all along
+        restored = [logged for logged in memory.unfinished if logged.cell_id not in kernel.by_cell]
+        if not restored:
+            return
         loop = asyncio.get_running_loop()
-        for logged in memory.unfinished:
+        for logged in restored:
             client_id = logged.client_id or f"restored-{logged.msg_id}"
             execution = _Execution(
                 logged.msg_id, kernel_id, logged.cell_id, client_id, logged.session_id,
@@ -188,7 +192,7 @@ class OutputFolder(Tap):
                     self.grace, lambda gone=gone: in_background(self._take_over(gone))
                 )
         log.info("Kernel %s: %d cell(s) still running when the proxy stopped",
-                 kernel_id, len(memory.unfinished))  # fmt: skip
+                 kernel_id, len(restored))  # fmt: skip
 
     def client_joined(self, client: Client) -> None:
         """The same session back within the grace period: it writes its outputs again."""
