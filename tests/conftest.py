@@ -267,6 +267,13 @@ class KernelChannels:
         self.received.append(message)
         return message
 
+    async def kernel_info(self) -> None:
+        """Wait until the kernel answers, as every frontend does before it runs code (right
+        after a kernel starts, its stdin socket may not route to a client yet)."""
+        info = await self.send("shell", "kernel_info_request", {})
+        while not any(m.parent_msg_id == info and m.channel == "shell" for m in self.received):
+            await self.recv()
+
     async def execute(
         self, code: str, timeout: float = 60, metadata: dict | None = None, **content: Any
     ) -> tuple[str, Message, list[Message]]:

@@ -80,10 +80,7 @@ async def audited(
     client = await open_channels(running.url, kernel_id, jupyter_server.token)
     msg_ids = []
     try:
-        # as every frontend does first: wait until the kernel answers
-        info = await client.send("shell", "kernel_info_request", {})
-        while not any(m.parent_msg_id == info and m.channel == "shell" for m in client.received):
-            await client.recv()
+        await client.kernel_info()
         for cell_id, code in CELLS:
             msg_id, _, _ = await client.execute(code, metadata={"cellId": cell_id})
             msg_ids.append(msg_id)

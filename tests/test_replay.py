@@ -78,6 +78,7 @@ async def test_pending_input_is_answered_by_a_late_joiner(
     proxy: RunningProxy, jupyter_server: JupyterServer, kernel_id: str
 ) -> None:
     asker = await open_channels(proxy.url, kernel_id, jupyter_server.token)
+    await asker.kernel_info()
     code = "name = input('name? ')\nprint('hello', name)"
     msg_id = await asker.send(
         "shell", "execute_request", {"code": code, **EXECUTE, "allow_stdin": True}
