@@ -325,6 +325,11 @@ class ServerExecutor(Tap):
             "execution_count": content.get("execution_count"),
         }
         if job.cell_id is not None and room is not None:
+            # a room joined again meanwhile has a fresh document: once it is synced, the folder
+            # (waiting on the same event, first) has rewritten the cell
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(room.synced.wait(), 10)
+            await asyncio.sleep(0)
             ycell = room.cell(job.cell_id)
             result["outputs"] = ycell["outputs"].to_py() if ycell is not None else []
         if content.get("status") == "error":

@@ -93,6 +93,10 @@ class Backlog(Protocol):
         """Return once everything relayed so far is committed."""
         ...
 
+    async def durable(self, seq: int) -> None:
+        """Return once the message `seq` is committed: a client is sent nothing the log lacks."""
+        ...
+
 
 #: A catch-up reads the log this many messages at a time, so a stalled client costs no more.
 CATCH_UP_CHUNK = 5000
@@ -189,6 +193,9 @@ class Client:
             batch = list(self._queue)
             self._queue.clear()
             self._queued_bytes = 0
+            if not batch:
+                continue  # it fell behind meanwhile: the log has it all
+            await backlog.durable(max(message.seq for message in batch))
             if len(batch) > 1:
                 batch = coalesce_streams(batch)
             for message in batch:

@@ -53,6 +53,10 @@ class MemoryLog:
         await asyncio.sleep(0)
         self.committed = len(self.messages)
 
+    async def durable(self, seq: int) -> None:
+        while self.committed < seq:  # seq n is the log's n-th message
+            await asyncio.sleep(0)
+
 
 async def run_scenario(
     start: int, steps: list[tuple[int, int, int]], max_queued: int, resume: bool

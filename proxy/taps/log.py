@@ -1,14 +1,18 @@
-"""The log tap: every relayed message into SQLite, without the relay ever waiting on disk.
+"""The log tap: every relayed message into SQLite; the relay's own loop never waits on disk.
 
 The relay appends rows to an in-memory queue (a deque append: no lock taken, no I/O); a writer
-thread commits them in batches every ``flush_interval`` seconds, so a relayed message is durable
-within that interval plus one commit. When the database fails (disk full, locked, corrupt) the
-writer keeps the rows, reports the error, and retries; committed rows are never touched again.
+thread commits them as soon as they come, whatever came during the previous commit in one
+transaction (group commit). A client is sent a kernel message only once it is committed
+(:meth:`LogWriter.until_durable`), so whatever a client got survives ``kill -9``. When the
+database fails (disk full, locked, corrupt) the writer keeps the rows, reports the error, and
+retries, and clients are not held back meanwhile; committed rows are never touched again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import json
 import logging
 import re
@@ -144,6 +148,10 @@ class LogWriter(Tap):
         self._committed = 0
         self._committed_changed = threading.Condition()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # rows are waiting
+        self.durable_seq = 0  # every message up to this seq is committed
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._durable_changed = asyncio.Event()
         self.error: str | None = None
         self.written = 0
         self.dropped = 0
@@ -207,6 +215,26 @@ class LogWriter(Tap):
             return
         self._pending.append((kind, item))
         self._enqueued += 1
+        if not self._wake.is_set():
+            self._wake.set()
+
+    async def until_durable(self, seq: int) -> None:
+        """Wait until the message `seq` is committed. While the database fails nothing waits:
+        the relay goes on (the rows are kept and retried)."""
+        self._loop = asyncio.get_running_loop()
+        while seq > self.durable_seq and self.error is None:
+            await self._durable_changed.wait()
+
+    def _durable_advanced(self) -> None:
+        """On the event loop: wake whoever waits for a commit."""
+        changed, self._durable_changed = self._durable_changed, asyncio.Event()
+        changed.set()
+
+    def _tell_waiters(self) -> None:
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+                loop.call_soon_threadsafe(self._durable_advanced)
 
     def health(self) -> LogHealth:
         return LogHealth(
@@ -232,6 +260,7 @@ class LogWriter(Tap):
     def close(self, timeout: float = 10.0) -> None:
         self.flush(timeout)
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout)
         if self._conn is not None:
             self._conn.close()
@@ -244,6 +273,7 @@ class LogWriter(Tap):
             self._conn = self._connect()
             row = self._conn.execute("SELECT coalesce(max(seq), 0) FROM messages").fetchone()
             self._next_seq = max(self._next_seq, row[0] + 1)
+            self.durable_seq = max(self.durable_seq, row[0])
         except Exception as error:  # corrupt, unreadable, schema newer than us...
             self._conn = None
             self._fail(error)
@@ -253,10 +283,12 @@ class LogWriter(Tap):
         if message != self.error:
             log.error("Cannot write the message log: %s; messages are kept and retried", message)
         self.error = message
+        self._tell_waiters()  # they stop waiting for commits that cannot come
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._stop.wait(self.flush_interval)
+            self._wake.wait(self.flush_interval)
+            self._wake.clear()
             while self._pending or self._unwritten:
                 if self._conn is None:
                     self._open()
@@ -329,6 +361,9 @@ class LogWriter(Tap):
             return False
         self._unwritten = []
         self.written += len(messages)
+        if messages:
+            self.durable_seq = messages[-1][0]
+            self._tell_waiters()
         if self.error is not None:
             log.info("The message log is writable again; %d rows caught up", len(batch))
             self.error = None

@@ -215,6 +215,9 @@ class Replayer(Tap):
         while not await loop.run_in_executor(None, self.writer.flush, 5.0):
             pass  # a log that is far behind (or failing): the client waits, it loses nothing
 
+    async def durable(self, seq: int) -> None:
+        await self.writer.until_durable(seq)
+
     async def _position(self, kernel_id: str, session_id: str) -> int | None:
         known = self.positions.get((kernel_id, session_id))
         if known is not None:
