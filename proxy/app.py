@@ -95,8 +95,8 @@ class ProxyApp(DatabaseApp):
     log_flush_interval = Float(
         0.05,
         config=True,
-        help="Seconds between commits of the message log: a relayed message is durable within "
-        "this plus one commit.",
+        help="Longest the log writer sleeps when idle; rows are committed as soon as they come "
+        "(whatever came during the previous commit in one transaction).",
     )
     max_frame_size = Integer(
         64 * 1024 * 1024,
