@@ -268,8 +268,7 @@ class KernelChannels:
         return message
 
     async def kernel_info(self) -> None:
-        """Wait until the kernel answers, as every frontend does before it runs code (right
-        after a kernel starts, its stdin socket may not route to a client yet)."""
+        """Wait until the kernel answers, as every frontend does before it runs code."""
         info = await self.send("shell", "kernel_info_request", {})
         while not any(m.parent_msg_id == info and m.channel == "shell" for m in self.received):
             await self.recv()
