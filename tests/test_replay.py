@@ -86,8 +86,12 @@ async def test_pending_input_is_answered_by_a_late_joiner(
     msg_id = await asker.send(
         "shell", "execute_request", {"code": code, **EXECUTE, "allow_stdin": True}
     )
-    while not any(m.msg_type == "input_request" for m in asker.received):
-        await asker.recv()
+    try:
+        while not any(m.msg_type == "input_request" for m in asker.received):
+            await asker.recv()
+    except asyncio.TimeoutError:
+        got = [(m.channel, m.msg_type) for m in asker.received if m.parent_msg_id == msg_id]
+        raise AssertionError(f"no input_request; the asker got {got}") from None
     await asker.close()  # the requester is gone, the kernel still waits
 
     helper = await open_channels(proxy.url, kernel_id, jupyter_server.token)
