@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import uuid
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from jupyter_client.session import Session
 
 from .api import json_error
 from .codecs import KERNEL_CHANNELS, Message, message_from_parts, readdressed
-from .relay import TO_KERNEL, Client, Relay, Tap
+from .relay import Client, Relay, Tap
 from .taps.yfold import OutputFolder
 from .upstream import Upstream, credential_headers
 from .yroom import CollaborationUnavailable
@@ -48,7 +47,7 @@ class _Job:
     username: str | None
     state: str = "queued"  # queued, running, done, cancelled
     result: dict[str, Any] | None = None
-    input_request: Message | None = None
+    request_id: str | None = None  # its execute_request's msg_id, once sent
     client: Client | None = None
     reply: asyncio.Future[Message] | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -123,11 +122,11 @@ class ServerExecutor(Tap):
         job = await self._job(request)
         if job.state in ("done", "cancelled"):
             return web.json_response(job.result)
-        if job.input_request is not None:
+        waiting = self._waiting(job.kernel_id)
+        if waiting is not None and waiting[0] is job:
             location = self.base + f"api/kernels/{job.kernel_id}/input"
-            content = job.input_request.content()
             return web.json_response(
-                {"status": "input", "input_request": content},
+                {"status": "input", "input_request": waiting[1].content()},
                 status=300,
                 headers={"Location": location},
             )
@@ -157,17 +156,13 @@ class ServerExecutor(Tap):
                 raise TypeError
         except (ValueError, KeyError, TypeError):
             raise json_error(400, 'the body must be {"input": "<text>"}') from None
-        job = next(
-            (j for j in self.jobs.values() if j.kernel_id == kernel_id and j.input_request),
-            None,
-        )
-        if job is None or job.client is None or job.input_request is None:
+        waiting = self._waiting(kernel_id)
+        if waiting is None or waiting[0].client is None:
             raise json_error(400, "no execution of this kernel is waiting for input")
+        job, prompt = waiting
         reply = _message(
-            "stdin", "input_reply", {"value": answer}, job.username,
-            parent=json.loads(job.input_request.parts[0]),
-        )  # fmt: skip
-        job.input_request = None
+            "stdin", "input_reply", {"value": answer}, job.username, parent=prompt.header
+        )
         relay = await self.relay.kernel(kernel_id)
         relay.from_client(job.client, reply)
         return web.json_response({"status": "sent"})
@@ -199,36 +194,30 @@ class ServerExecutor(Tap):
 
     # --- input() prompts for frontends ----------------------------------------------------------
 
+    def _waiting(self, kernel_id: str) -> tuple[_Job, Message] | None:
+        """The server-side execution of the kernel waiting for input, with its prompt. The
+        relay keeps the kernel's unanswered input_request; whoever answers (a frontend, or POST
+        input), the relay forgets it."""
+        relay = self.relay.kernels.get(kernel_id)
+        prompt = relay.pending_input if relay is not None else None
+        if prompt is None:
+            return None
+        for job in self.jobs.values():
+            if job.state == "running" and job.request_id == prompt.parent_msg_id:
+                return job, prompt
+        return None
+
     def client_joined(self, client: Client) -> None:
         """A frontend that joins while an execution waits for input is asked too."""
-        if client.protocol == INTERNAL:
-            return
-        for job in self.jobs.values():
-            if job.kernel_id == client.kernel_id and job.input_request is not None:
-                self._ask(client, job)
+        waiting = self._waiting(client.kernel_id) if client.protocol != INTERNAL else None
+        if waiting is not None:
+            self._ask(client, *waiting)
 
-    def message_relayed(
-        self,
-        seq: int,
-        kernel_id: str,
-        direction: str,
-        message: Message,
-        client: Client | None,
-        received_at: float,
-    ) -> None:
-        """Whoever answered (a frontend, or POST input), the execution waits no longer."""
-        if direction != TO_KERNEL or message.msg_type != "input_reply":
-            return
-        for job in self.jobs.values():
-            if job.input_request is not None and job.input_request.msg_id == message.parent_msg_id:
-                job.input_request = None
-
-    def _ask(self, client: Client, job: _Job) -> None:
+    def _ask(self, client: Client, job: _Job, prompt: Message) -> None:
         """Show `client` the prompt as if it had sent the request: stock JupyterLab hands such a
         message to its frontend plugins (this proxy serves one that renders it in the cell)."""
-        assert job.input_request is not None
         metadata = {"cellId": job.cell_id} if job.cell_id else {}
-        client.deliver(readdressed(job.input_request, client.session_id or "", metadata))
+        client.deliver(readdressed(prompt, client.session_id or "", metadata))
 
     # --- running -------------------------------------------------------------------------------
 
@@ -285,6 +274,7 @@ class ServerExecutor(Tap):
              "allow_stdin": True, "stop_on_error": True},
             job.username, metadata=metadata,
         )  # fmt: skip
+        job.request_id = request.msg_id
         if room is not None:
             self.folder.claim(request.msg_id, room)
         relay.attach(client)
@@ -300,10 +290,9 @@ class ServerExecutor(Tap):
             if message.parent_msg_id != request.msg_id:
                 return
             if message.msg_type == "input_request":
-                job.input_request = message
                 for other in list(relay.clients.values()):
                     if other.protocol != INTERNAL:
-                        self._ask(other, job)
+                        self._ask(other, job, message)
             elif message.msg_type == "execute_reply" and not reply.done():
                 reply.set_result(message)
 
