@@ -350,6 +350,30 @@ async def open_channels(
     return KernelChannels(ws, http)
 
 
+def serve_proxy(server: JupyterServer, port: int, db: Path, *args: str) -> subprocess.Popen[bytes]:
+    """`jupyter-replay-proxy serve` as a process of its own, so that it can be killed -9."""
+    return subprocess.Popen(
+        [
+            sys.executable, "-m", "proxy", "serve", f"--upstream={server.url}", f"--port={port}",
+            f"--db={db}", f"--ProxyApp.kernel_runtime_dir={server.runtime_dir}", *args,
+        ],
+        env={**os.environ, "JUPYTER_TOKEN": server.token},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+async def open_channels_when_up(
+    url: str, kernel_id: str, token: str, session_id: str | None = None
+) -> KernelChannels:
+    """open_channels, retried while a proxy process starts."""
+    for _ in range(100):
+        try:
+            return await open_channels(url, kernel_id, token, session_id=session_id)
+        except aiohttp.ClientError:
+            await asyncio.sleep(0.2)
+    raise AssertionError(f"the proxy at {url} did not come up")
+
+
 def stream_text(iopub: list[Message]) -> str:
     return "".join(m.content()["text"] for m in iopub if m.msg_type == "stream")
 

@@ -5,12 +5,8 @@ jupyter-collaboration and ipykernel)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +22,8 @@ from .conftest import (
     free_port,
     make_proxy,
     open_channels,
+    open_channels_when_up,
+    serve_proxy,
     start_jupyter_server,
     stop_jupyter_server,
 )
@@ -41,6 +39,15 @@ async def _run_in_cell(client: Any, code: str, cell_id: str) -> str:
          "allow_stdin": False, "stop_on_error": True},
         {"cellId": cell_id},
     )  # fmt: skip
+
+
+async def _lines_printed(client: Any, msg_id: str, lines: int) -> None:
+    """Receive until the execution has printed `lines` lines."""
+    seen = 0
+    while seen < lines:
+        message = await client.recv()
+        if message.msg_type == "stream" and message.parent_msg_id == msg_id:
+            seen += message.content()["text"].count("\n")
 
 
 def _notebook(root: Path, name: str, cells: dict[str, str]) -> None:
@@ -125,11 +132,7 @@ async def test_a_cell_whose_tab_closed_mid_run_gets_every_output(
     running, kernel_id, name = handoff
     client = await open_channels(running.url, kernel_id, jupyter_server.token)
     msg_id = await _run_in_cell(client, PRINTING, "printing")
-    lines = 0
-    while lines < 2:
-        message = await client.recv()
-        if message.msg_type == "stream" and message.parent_msg_id == msg_id:
-            lines += message.content()["text"].count("\n")
+    await _lines_printed(client, msg_id, 2)
     await client.close()  # the tab closes; the cell prints on
 
     viewer = await _Viewer.open(jupyter_server, name)
@@ -410,19 +413,6 @@ async def test_server_side_executions_are_interrupted_from_the_toolbar_and_the_a
         await viewer.close()
 
 
-def _serve(server: JupyterServer, port: int, db: Path) -> subprocess.Popen[bytes]:
-    """The proxy as its own process, so that it can be killed -9."""
-    return subprocess.Popen(
-        [
-            sys.executable, "-m", "proxy", "serve", f"--upstream={server.url}", f"--port={port}",
-            f"--db={db}", "--link=zmq", f"--ProxyApp.kernel_runtime_dir={server.runtime_dir}",
-            "--ProxyApp.handoff_grace=1",
-        ],
-        env={**os.environ, "JUPYTER_TOKEN": server.token},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-
-
 async def test_a_takeover_survives_kill_9_of_the_proxy(
     jupyter_server: JupyterServer, tmp_path: Path
 ) -> None:
@@ -432,27 +422,18 @@ async def test_a_takeover_survives_kill_9_of_the_proxy(
     kernel_id = await _session(jupyter_server, jupyter_server.url, name)
     port, db = free_port(), tmp_path / "log.sqlite"
     url = f"http://127.0.0.1:{port}/"
-    process = _serve(jupyter_server, port, db)
+    serving = ("--link=zmq", "--ProxyApp.handoff_grace=1")
+    process = serve_proxy(jupyter_server, port, db, *serving)
     try:
-        client = None
-        for _ in range(100):
-            with contextlib.suppress(aiohttp.ClientError):
-                client = await open_channels(url, kernel_id, jupyter_server.token)
-                break
-            await asyncio.sleep(0.2)
-        assert client is not None, "the proxy did not start"
+        client = await open_channels_when_up(url, kernel_id, jupyter_server.token)
         msg_id = await _run_in_cell(client, code, "printing")
-        lines = 0
-        while lines < 3:
-            message = await client.recv()
-            if message.msg_type == "stream" and message.parent_msg_id == msg_id:
-                lines += message.content()["text"].count("\n")
+        await _lines_printed(client, msg_id, 3)
         # at once: what the tab was sent is in the log already
         process.send_signal(signal.SIGKILL)  # the proxy dies, and with it the tab's connection
         process.wait()
         await client.http.close()
         await asyncio.sleep(0.5)  # the cell prints on with no proxy at all
-        process = _serve(jupyter_server, port, db)
+        process = serve_proxy(jupyter_server, port, db, *serving)
 
         viewer = await _Viewer.open(jupyter_server, name)
         try:  # the new proxy finds the cell unfinished in the log and takes it over

@@ -10,7 +10,15 @@ import time
 import aiohttp
 import pytest
 
-from .conftest import JupyterServer, RunningProxy, make_proxy, open_channels, stream_text
+from .conftest import (
+    JupyterServer,
+    RunningProxy,
+    make_proxy,
+    open_channels,
+    open_channels_when_up,
+    serve_proxy,
+    stream_text,
+)
 
 COUNT_SLOWLY = "import time\nfor i in range(10):\n    print(i, flush=True)\n    time.sleep(0.3)"
 EXECUTE = {"silent": False, "store_history": True, "user_expressions": {}, "allow_stdin": False}
@@ -216,31 +224,6 @@ async def test_a_stalled_client_neither_slows_others_nor_loses_anything(
         await reader.close()
 
 
-def _serve(jupyter_server: JupyterServer, port: int, db, link: str):  # type: ignore[no-untyped-def]
-    import os
-    import subprocess
-    import sys
-
-    return subprocess.Popen(
-        [
-            sys.executable, "-m", "proxy", "serve", f"--upstream={jupyter_server.url}",
-            f"--port={port}", f"--db={db}", f"--link={link}",
-            f"--ProxyApp.kernel_runtime_dir={jupyter_server.runtime_dir}",
-        ],
-        env={**os.environ, "JUPYTER_TOKEN": jupyter_server.token},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-
-
-async def _connect_when_up(url: str, kernel_id: str, token: str, session: str):  # type: ignore[no-untyped-def]
-    for _ in range(100):
-        try:
-            return await open_channels(url, kernel_id, token, session_id=session)
-        except aiohttp.ClientError:
-            await asyncio.sleep(0.2)
-    raise AssertionError("the proxy did not come back")
-
-
 @pytest.mark.parametrize("link", ["zmq", "websocket"])
 async def test_kill_9_and_restart_of_the_proxy_mid_cell(
     jupyter_server: JupyterServer, kernel_id: str, tmp_path, link: str
@@ -253,9 +236,9 @@ async def test_kill_9_and_restart_of_the_proxy_mid_cell(
     url = f"http://127.0.0.1:{port}/"
     session = secrets.token_hex(8)
     code = "import time\nfor i in range(20):\n    print(i, flush=True)\n    time.sleep(0.25)"
-    process = _serve(jupyter_server, port, db, link)
+    process = serve_proxy(jupyter_server, port, db, f"--link={link}")
     try:
-        first = await _connect_when_up(url, kernel_id, jupyter_server.token, session)
+        first = await open_channels_when_up(url, kernel_id, jupyter_server.token, session)
         msg_id = await first.send("shell", "execute_request", {"code": code, **EXECUTE})
         while len(lines_of([m for m in first.received if m.parent_msg_id == msg_id])) < 4:
             await first.recv()
@@ -264,8 +247,8 @@ async def test_kill_9_and_restart_of_the_proxy_mid_cell(
         process.wait()
         await first.http.close()
         await asyncio.sleep(1.0)  # the cell prints on while no proxy runs
-        process = _serve(jupyter_server, port, db, link)
-        second = await _connect_when_up(url, kernel_id, jupyter_server.token, session)
+        process = serve_proxy(jupyter_server, port, db, f"--link={link}")
+        second = await open_channels_when_up(url, kernel_id, jupyter_server.token, session)
         try:
             reply, _ = await second.collect(msg_id)
             assert reply.content()["status"] == "ok"
