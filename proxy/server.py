@@ -45,7 +45,7 @@ OWN_PREFIX = "replay-proxy/"
 _APP_PAGES = ("lab", "doc", "notebooks", "tree", "edit", "consoles")  # pages with page config
 #: The proxy's frontend plugin (input() of server-side executions), as a federated extension.
 LABEXTENSION = "jupyter-replay-proxy"
-_LABEXTENSION_FILE = Path(__file__).parent / "labextension" / "remoteEntry.js"
+_LABEXTENSION = (Path(__file__).parent / "labextension" / "remoteEntry.js").read_bytes()
 
 CLOSE_MALFORMED = 1007  # RFC 6455: data inconsistent with the message type
 CLOSE_TOO_BIG = 1009
@@ -444,7 +444,7 @@ class ReplayProxy:
         """The plugin the app pages load: shows a cell's input() prompt of a server-side
         execution (stock JupyterLab only shows prompts of requests it sent itself)."""
         return web.Response(
-            body=_LABEXTENSION_FILE.read_bytes(),
+            body=_LABEXTENSION,
             content_type="application/javascript",
             headers={"Cache-Control": "no-cache"},
         )
