@@ -281,20 +281,34 @@ class ServerExecutor(Tap):
         client.sent_seq = self.last_seq()
         reply: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         job.reply = reply
+        seen: dict[str, Message] = {}  # the request's execute_reply and idle status, once come
 
         async def receive(message: Message) -> None:
-            if message.msg_type == "status" and not reply.done():
-                state = message.content().get("execution_state")
-                if state in ("restarting", "dead"):  # no reply will come
+            """The reply (shell) can overtake the request's last outputs (iopub); the kernel's
+            idle status for the request follows all of them, so the job ends at both."""
+            if reply.done():
+                return
+            state = (
+                message.content().get("execution_state") if message.msg_type == "status" else None
+            )
+            if state in ("restarting", "dead"):  # no reply, or no idle, will come
+                if "execute_reply" in seen:
+                    reply.set_result(seen["execute_reply"])
+                else:
                     reply.set_exception(RuntimeError(f"the kernel is {state}"))
+                return
             if message.parent_msg_id != request.msg_id:
                 return
             if message.msg_type == "input_request":
                 for other in list(relay.clients.values()):
                     if other.protocol != INTERNAL:
                         self._ask(other, job, message)
-            elif message.msg_type == "execute_reply" and not reply.done():
-                reply.set_result(message)
+            elif message.msg_type == "execute_reply":
+                seen["execute_reply"] = message
+            elif state == "idle":
+                seen["idle"] = message
+            if len(seen) == 2:
+                reply.set_result(seen["execute_reply"])
 
         async def confirm(seq: int) -> None:
             relay.confirm_delivery(client, seq)
