@@ -26,6 +26,7 @@ import zmq
 import zmq.asyncio
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.session import Session
+from zmq.utils.monitor import parse_monitor_message
 
 from .codecs import (
     KERNEL_CHANNELS,
@@ -48,6 +49,12 @@ _JOIN_WAIT = 2.0  # seconds zmq output waits for the presence to hand over jupyt
 def connection_file(runtime_dir: Path, kernel_id: str) -> Path:
     """Where jupyter-server writes a local kernel's connection info."""
     return runtime_dir / f"kernel-{kernel_id}.json"
+
+
+def _address(info: dict[str, Any], port_name: str) -> str:
+    """A kernel socket's address, as jupyter_client makes it from a connection file."""
+    ip, port = info["ip"], info[port_name]
+    return f"tcp://{ip}:{port}" if info.get("transport", "tcp") == "tcp" else f"ipc://{ip}-{port}"
 
 
 def is_server_state(message: Message) -> bool:
@@ -175,12 +182,13 @@ class ZmqLink:
         self.sockets: dict[str, zmq.asyncio.Socket] = {
             "shell": client.connect_shell(identity=identity),
             "control": client.connect_control(identity=identity),
-            "stdin": client.connect_stdin(identity=identity),
+            "stdin": self._watched_stdin(context, info, identity),
             "iopub": self._unbounded_subscriber(context, info),
         }
         self._readers: list[asyncio.Task[None]] = []
         self._iopub_flowing = asyncio.Event()
-        self._held: list[Message] = []  # client messages sent before iopub was flowing
+        self._held: list[Message] = []  # client messages sent before iopub and stdin were ready
+        self._ready = False
         self._nudges: set[str] = set()
         self.recent = RecentIds()
         # Until `joined`, iopub from zmq waits in `_early` while the presence relays what
@@ -189,6 +197,23 @@ class ZmqLink:
         self._early: list[Message] = []
         self._early_ids: set[str] = set()
         self.presence = _Presence(upstream, self, f"replay-proxy-{stable_id}")
+
+    def _watched_stdin(
+        self, context: zmq.asyncio.Context, info: dict[str, Any], identity: bytes
+    ) -> zmq.asyncio.Socket:
+        """The kernel sends input_request to the stdin socket with the shell request's identity
+        and drops it while that socket is not connected: a connect refused by a kernel still
+        starting is retried every 100 ms, so shell can be up before stdin. Watched from before
+        its connect, so no handshake goes unseen (see :meth:`_follow_stdin`)."""
+        socket = context.socket(zmq.DEALER)
+        self._stdin_connected = asyncio.Event()
+        self._stdin_events = socket.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+        )
+        socket.identity = identity
+        socket.linger = 0
+        socket.connect(_address(info, "stdin_port"))
+        return socket
 
     @staticmethod
     def _unbounded_subscriber(
@@ -200,10 +225,7 @@ class ZmqLink:
         socket.setsockopt(zmq.RCVHWM, 0)  # before connect: it applies to new pipes only
         socket.setsockopt(zmq.SUBSCRIBE, b"")
         socket.linger = 0
-        ip, port = info["ip"], info["iopub_port"]
-        socket.connect(
-            f"tcp://{ip}:{port}" if info.get("transport", "tcp") == "tcp" else f"ipc://{ip}-{port}"
-        )
+        socket.connect(_address(info, "iopub_port"))
         return socket
 
     @classmethod
@@ -216,10 +238,24 @@ class ZmqLink:
             await asyncio.wait_for(self.presence.tried.wait(), 5)
         for channel, socket in self.sockets.items():
             self._readers.append(asyncio.ensure_future(self._read(channel, socket)))
+        self._readers.append(asyncio.ensure_future(self._follow_stdin()))
         await self._nudge()
 
+    async def _follow_stdin(self) -> None:
+        """Keep `_stdin_connected` true exactly while the kernel can route to our stdin."""
+        while True:
+            try:
+                frames = await self._stdin_events.recv_multipart()
+            except (zmq.ZMQError, asyncio.CancelledError):
+                return
+            if parse_monitor_message(frames)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._stdin_connected.set()
+            else:
+                self._stdin_connected.clear()
+
     async def _nudge(self, timeout: float = 30.0) -> None:
-        """Ask for kernel_info until iopub flows: a SUB socket misses what precedes its join."""
+        """Ask for kernel_info until iopub flows (a SUB socket misses what precedes its join),
+        and hold client messages until stdin is connected too."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while not self._iopub_flowing.is_set() and loop.time() < deadline:
@@ -231,6 +267,11 @@ class ZmqLink:
         if not self._iopub_flowing.is_set():
             log.warning("Kernel %s: no iopub message after %.0f s", self.kernel_id, timeout)
             self._iopub_flowing.set()
+        try:
+            await asyncio.wait_for(self._stdin_connected.wait(), max(1.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            log.warning("Kernel %s: stdin not connected after %.0f s", self.kernel_id, timeout)
+        self._ready = True
         held, self._held = self._held, []
         for message in held:
             self.send(message)
@@ -295,12 +336,13 @@ class ZmqLink:
         The SUB socket reconnects by itself but misses what the kernel publishes before its
         subscription lands; a request sent in that window would lose its output.
         """
-        if self._iopub_flowing.is_set():
+        if self._ready:
+            self._ready = False
             self._iopub_flowing.clear()
             in_background(self._nudge())
 
     def send(self, message: Message) -> None:
-        if not self._iopub_flowing.is_set():
+        if not self._ready:
             self._held.append(message)
             return
         self.session.send_raw(self.sockets[message.channel], message.parts)
@@ -312,6 +354,8 @@ class ZmqLink:
         await self.presence.close()
         for task in self._readers:
             task.cancel()
+        self.sockets["stdin"].disable_monitor()
+        self._stdin_events.close(linger=0)
         for socket in self.sockets.values():
             socket.close(linger=0)
 

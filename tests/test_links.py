@@ -79,6 +79,33 @@ async def test_restart_through_the_proxy(
         await client.close()
 
 
+async def test_input_right_after_a_restart_reaches_the_frontend(
+    zmq_proxy: RunningProxy, jupyter_server: JupyterServer, kernel_id: str
+) -> None:
+    """The kernel drops an input_request while the link's stdin is not connected: after a
+    restart stdin reconnects apart from shell and iopub, so the link holds requests until it is."""
+    client = await open_channels(zmq_proxy.url, kernel_id, jupyter_server.token)
+    try:
+        for _ in range(3):
+            async with (
+                aiohttp.ClientSession(headers=jupyter_server.headers()) as http,
+                http.post(zmq_proxy.url + f"api/kernels/{kernel_id}/restart") as resp,
+            ):
+                assert resp.status == 200
+            msg_id = await client.send(
+                "shell", "execute_request",
+                {"code": "print(input('name? '))", "silent": False, "allow_stdin": True},
+            )  # fmt: skip
+            prompt = await client.recv(timeout=20)
+            while prompt.msg_type != "input_request":
+                prompt = await client.recv(timeout=20)
+            await client.send("stdin", "input_reply", {"value": "ada"}, parent=prompt.header)
+            _, iopub = await client.collect(msg_id)
+            assert stream_text(iopub) == "ada\n"
+    finally:
+        await client.close()
+
+
 async def _until_iopub_flows(client) -> None:  # type: ignore[no-untyped-def]
     """What jupyter-server's own nudge does: ask for kernel_info until iopub answers."""
     for _ in range(20):
