@@ -205,6 +205,7 @@ class ProxyApp(DatabaseApp):
             websocket_link_session_id=session_id,
             allowed_message_types=frozenset(self.allowed_message_types),
             link_namespace=str(Path(self.db).resolve()),
+            spool_dir=Path(self.db).resolve().parent,
             write_outputs=self.write_outputs,
             server_side_execution=self.server_side_execution,
             handoff_grace=self.handoff_grace,

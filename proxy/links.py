@@ -17,7 +17,7 @@ import collections
 import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from .codecs import (
     message_from_parts,
 )
 from .relay import in_background
+from .spool import IopubReader, Spool
 from .upstream import Upstream
 
 log = logging.getLogger("jupyter_replay_proxy.links")
@@ -155,7 +156,11 @@ class _Presence:
 
 
 class ZmqLink:
-    """Direct zmq connection to a local kernel: lossless."""
+    """Direct zmq connection to a local kernel: lossless.
+
+    Its iopub is read by a thread into `spool` (:mod:`proxy.spool`); `log_room` is awaited
+    before more of it is relayed, so while the log falls behind the backlog waits on disk.
+    """
 
     kind = "zmq"
 
@@ -168,8 +173,11 @@ class ZmqLink:
         gone: Callable[[str], None],
         context: zmq.asyncio.Context,
         stable_id: str,
+        spool: Spool | None = None,
+        log_room: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.kernel_id = kernel_id
+        self._log_room = log_room
         self.deliver = deliver
         self.gone = gone
         client = AsyncKernelClient(context=context)
@@ -183,8 +191,11 @@ class ZmqLink:
             "shell": client.connect_shell(identity=identity),
             "control": client.connect_control(identity=identity),
             "stdin": self._watched_stdin(context, info, identity),
-            "iopub": self._unbounded_subscriber(context, info),
         }
+        self.iopub = IopubReader(
+            zmq.Context(shadow=context.underlying), _address(info, "iopub_port"),
+            spool or Spool(), f"iopub-{kernel_id}",
+        )  # fmt: skip
         self._readers: list[asyncio.Task[None]] = []
         self._iopub_flowing = asyncio.Event()
         self._held: list[Message] = []  # client messages sent before iopub and stdin were ready
@@ -215,30 +226,19 @@ class ZmqLink:
         socket.connect(_address(info, "stdin_port"))
         return socket
 
-    @staticmethod
-    def _unbounded_subscriber(
-        context: zmq.asyncio.Context, info: dict[str, Any]
-    ) -> zmq.asyncio.Socket:
-        """An iopub SUB with no high-water mark: with the default (1,000), the kernel's PUB
-        drops messages for a subscriber that falls behind, as jupyter-server's own does."""
-        socket = context.socket(zmq.SUB)
-        socket.setsockopt(zmq.RCVHWM, 0)  # before connect: it applies to new pipes only
-        socket.setsockopt(zmq.SUBSCRIBE, b"")
-        socket.linger = 0
-        socket.connect(_address(info, "iopub_port"))
-        return socket
-
     @classmethod
     def from_file(cls, path: Path, *args: Any) -> ZmqLink:
         return cls(args[0], json.loads(path.read_text()), *args[1:])
 
     async def start(self) -> None:
+        self.iopub.start()
         self.presence.start()
         with contextlib.suppress(asyncio.TimeoutError):  # before anyone else's connection
             await asyncio.wait_for(self.presence.tried.wait(), 5)
         for channel, socket in self.sockets.items():
             self._readers.append(asyncio.ensure_future(self._read(channel, socket)))
         self._readers.append(asyncio.ensure_future(self._follow_stdin()))
+        self._readers.append(asyncio.ensure_future(self._relay_iopub()))
         await self._nudge()
 
     async def _follow_stdin(self) -> None:
@@ -277,36 +277,60 @@ class ZmqLink:
             self.send(message)
 
     async def _read(self, channel: str, socket: zmq.asyncio.Socket) -> None:
-        session = self.session
         while True:
             try:
                 frames = await socket.recv_multipart()
             except (zmq.ZMQError, asyncio.CancelledError):
                 return
-            try:
-                _, parts = session.feed_identities(frames)
-                signature, parts = parts[0], parts[1:]
-                if session.auth is not None and signature != session.sign(parts[:4]):
-                    raise FrameError("bad message signature")
-                message = message_from_parts(
-                    channel, parts, allowed_channels=KERNEL_CHANNELS, validate_body=False
-                )
-            except (ValueError, IndexError) as error:
-                log.warning(
-                    "Kernel %s sent an invalid %s message: %s", self.kernel_id, channel, error
-                )
+            self._receive(channel, frames)
+
+    async def _relay_iopub(self) -> None:
+        """Relay what the iopub thread read, a slice at a time so other work runs between."""
+        loop = asyncio.get_running_loop()
+        waiting = asyncio.Event()
+
+        def wake() -> None:  # from the thread
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                loop.call_soon_threadsafe(waiting.set)
+
+        while True:
+            if self._log_room is not None:
+                await self._log_room()
+            batch = self.iopub.spool.take(wake)
+            if not batch:
+                await waiting.wait()
+                waiting.clear()
                 continue
-            if channel == "iopub":
-                self._iopub_flowing.set()
-                if not self.joined:
-                    self._hold_early(message)
-                    continue
-                if not self.recent.first_time(message.msg_id):
-                    continue
-            elif message.parent_msg_id in self._nudges:
-                self._nudges.discard(message.parent_msg_id)
-                continue
-            self.deliver(message)
+            for count, frames in enumerate(batch, 1):
+                self._receive("iopub", frames)
+                if count % 500 == 0:
+                    await asyncio.sleep(0)
+            await asyncio.sleep(0)
+
+    def _receive(self, channel: str, frames: list[bytes]) -> None:
+        session = self.session
+        try:
+            _, parts = session.feed_identities(frames)
+            signature, parts = parts[0], parts[1:]
+            if session.auth is not None and signature != session.sign(parts[:4]):
+                raise FrameError("bad message signature")
+            message = message_from_parts(
+                channel, parts, allowed_channels=KERNEL_CHANNELS, validate_body=False
+            )
+        except (ValueError, IndexError) as error:
+            log.warning("Kernel %s sent an invalid %s message: %s", self.kernel_id, channel, error)
+            return
+        if channel == "iopub":
+            self._iopub_flowing.set()
+            if not self.joined:
+                self._hold_early(message)
+                return
+            if not self.recent.first_time(message.msg_id):
+                return
+        elif message.parent_msg_id in self._nudges:
+            self._nudges.discard(message.parent_msg_id)
+            return
+        self.deliver(message)
 
     def _hold_early(self, message: Message) -> None:
         self._early.append(message)
@@ -358,6 +382,7 @@ class ZmqLink:
         self._stdin_events.close(linger=0)
         for socket in self.sockets.values():
             socket.close(linger=0)
+        await asyncio.to_thread(self.iopub.stop)
 
 
 class WebsocketLink:

@@ -99,7 +99,7 @@ class Backlog(Protocol):
 
 
 #: A catch-up reads the log this many messages at a time, so a stalled client costs no more.
-CATCH_UP_CHUNK = 5000
+CATCH_UP_CHUNK = 1000
 #: Seconds between two stream frames to one client (a browser renders ~1,000 frames a second).
 STREAM_FRAME_INTERVAL = 0.005
 

@@ -26,7 +26,7 @@ import zmq.asyncio
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from . import __version__
+from . import __version__, spool
 from .api import AuditApi
 from .codecs import LEGACY, V1_SUBPROTOCOL, FrameError, Message, decode_client_frame, with_seq
 from .execution import ServerExecutor
@@ -71,6 +71,8 @@ class ProxySettings:
     write_outputs: bool = True  # take over outputs of executions whose client left
     server_side_execution: bool = True  # serve POST /api/kernels/{id}/execute; pages use it
     handoff_grace: float = 5.0  # seconds a client may be gone before the proxy writes for it
+    spool_dir: Path | None = None  # where a kernel's unrelayed iopub waits past spool_memory
+    spool_memory: int = spool.MEMORY_LIMIT  # bytes of it that wait in memory first
 
 
 async def _close(ws: web.WebSocketResponse, code: int, reason: str) -> None:
@@ -231,7 +233,15 @@ class ReplayProxy:
                     uuid.NAMESPACE_URL, f"{self.settings.link_namespace}/{kernel_id}"
                 )
                 return ZmqLink.from_file(
-                    path, kernel_id, self.upstream, deliver, gone, self.zmq_context, str(stable_id)
+                    path,
+                    kernel_id,
+                    self.upstream,
+                    deliver,
+                    gone,
+                    self.zmq_context,
+                    str(stable_id),
+                    spool.Spool(self.settings.spool_dir, self.settings.spool_memory),
+                    self.writer.until_caught_up,
                 )
             except (OSError, ValueError, KeyError) as error:
                 if self.settings.link == "zmq":
@@ -366,7 +376,15 @@ class ReplayProxy:
         if code != 200:
             return web.json_response({"message": "Forbidden"}, status=code)
         kernels = [
-            {"id": kid, "link": relay.link.kind, "clients": len(relay.clients)}
+            {
+                "id": kid,
+                "link": relay.link.kind,
+                "clients": len(relay.clients),
+                # messages that waited on disk because the relay or the log fell behind
+                "spilled": (
+                    relay.link.iopub.spool.spilled if isinstance(relay.link, ZmqLink) else 0
+                ),
+            }
             for kid, relay in self.relay.kernels.items()
         ]
         clients = [

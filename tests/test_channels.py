@@ -133,7 +133,7 @@ async def test_status_endpoint_needs_credentials(
             assert resp.status == 200
             status = await resp.json()
     assert status["log"]["ok"] is True
-    assert {"id": kernel_id, "link": "zmq", "clients": 0} in status["kernels"]
+    assert {"id": kernel_id, "link": "zmq", "clients": 0, "spilled": 0} in status["kernels"]
     assert jupyter_server.token not in json.dumps(status)
 
 

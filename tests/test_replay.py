@@ -192,10 +192,13 @@ async def test_replay_query_variants(
 async def test_a_stalled_client_neither_slows_others_nor_loses_anything(
     aiohttp_server, jupyter_server: JupyterServer, kernel_id: str, tmp_path
 ) -> None:
+    """Small bounds everywhere: the stalled client's queue, the iopub spool's memory and the
+    log's backlog (past which the link stops relaying, so the flood waits on disk)."""
     running = await make_proxy(
         aiohttp_server, jupyter_server.url, jupyter_server.token, jupyter_server.runtime_dir,
-        tmp_path / "log.sqlite", link="zmq", max_client_queue=200,
-        max_client_queue_bytes=64 * 1024,
+        tmp_path / "log.sqlite", writer_options={"max_behind": 100}, link="zmq",
+        max_client_queue=200, max_client_queue_bytes=64 * 1024, spool_memory=16 * 1024,
+        spool_dir=tmp_path,
     )  # fmt: skip
     stalled = await open_channels(running.url, kernel_id, jupyter_server.token)
     reader = await open_channels(running.url, kernel_id, jupyter_server.token)
@@ -217,6 +220,17 @@ async def test_a_stalled_client_neither_slows_others_nor_loses_anything(
             await stalled.recv(timeout=30)
         printed = stream_text([m for m in stalled.received if m.parent_msg_id == msg_id])
         assert [line.split()[0] for line in printed.splitlines()] == [str(i) for i in range(lines)]
+        assert running.proxy.relay.kernels[kernel_id].link.iopub.spool.spilled > 0
+        with running.db() as db:  # and the log has every line, in order
+            logged = "".join(
+                json.loads(content)["text"]
+                for (content,) in db.execute(
+                    "SELECT content FROM messages WHERE parent_msg_id = ? AND msg_type = 'stream'"
+                    " ORDER BY seq",
+                    (msg_id,),
+                )
+            )
+        assert logged == printed
     finally:
         await stalled.close()
         await reader.close()

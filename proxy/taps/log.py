@@ -131,6 +131,7 @@ class LogWriter(Tap):
         *,
         flush_interval: float = 0.05,
         max_pending: int = 2_000_000,
+        max_behind: int = 2_000,
         retry_interval: float = 1.0,
         redactor: Redactor | None = None,
         max_buffer_size: int | None = None,
@@ -141,6 +142,7 @@ class LogWriter(Tap):
         self._conn: sqlite3.Connection | None = None
         self.flush_interval = flush_interval
         self.max_pending = max_pending
+        self.max_behind = max_behind
         self.retry_interval = retry_interval
         self._pending: collections.deque[tuple[str, Any]] = collections.deque()
         self._unwritten: list[tuple[str, Any]] = []  # writer thread's batch, kept on failure
@@ -223,6 +225,14 @@ class LogWriter(Tap):
         the relay goes on (the rows are kept and retried)."""
         self._loop = asyncio.get_running_loop()
         while seq > self.durable_seq and self.error is None:
+            await self._durable_changed.wait()
+
+    async def until_caught_up(self) -> None:
+        """Wait while `max_behind` rows or more wait for the database: kernel links stop
+        reading meanwhile, so a flood waits in their spools (on disk), not here in memory.
+        While the database fails nothing waits (rows are kept, up to `max_pending`)."""
+        self._loop = asyncio.get_running_loop()
+        while len(self._pending) + len(self._unwritten) >= self.max_behind and self.error is None:
             await self._durable_changed.wait()
 
     def _durable_advanced(self) -> None:
