@@ -12,6 +12,7 @@ back in order. Memory stays bounded however far the relay falls behind.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import struct
@@ -77,35 +78,53 @@ class Spool:
         self._memory_bytes = 0
         self._directory = directory
         self._file: IO[bytes] | None = None  # made at the first spill; private, unlinked
-        self._written = 0  # bytes put in the file (flushed or not)
+        self._written = 0  # bytes put in the file
         self._read = 0  # bytes of the file taken
         self._wake: Callable[[], None] | None = None
         self.spilled = 0  # messages that went to disk, ever
 
-    def put(self, messages: list[list[bytes]]) -> None:
-        """From the reading thread."""
+    def put(self, messages: list[list[bytes]]) -> int:
+        """From the reading thread: how many of `messages` were taken, in order; fewer than
+        all only when the disk fails (full): the caller offers the rest again later."""
+        taken = 0
         with self._lock:
             for frames in messages:
                 size = sum(len(f) for f in frames)
                 if self._written == self._read and self._memory_bytes + size <= self.memory_limit:
                     self._memory.append(frames)
                     self._memory_bytes += size
-                else:
-                    if self._file is None:
-                        self._file = tempfile.TemporaryFile(  # noqa: SIM115 (closed by close())
-                            prefix="replay-proxy-spool-", dir=self._directory
-                        )
-                    if self._written == 0:
-                        log.info(
-                            "%s: more than %d MB behind, the rest waits on disk",
-                            threading.current_thread().name,
-                            self.memory_limit >> 20,
-                        )
-                    self._written += self._file.write(encode(frames))
-                    self.spilled += 1
+                elif not self._spill(encode(frames)):
+                    break
+                taken += 1
             wake, self._wake = self._wake, None
         if wake is not None:
             wake()
+        return taken
+
+    def _spill(self, record: bytes) -> bool:
+        """Append one message to the file, whole or not at all."""
+        try:
+            if self._file is None:
+                self._file = tempfile.TemporaryFile(  # noqa: SIM115 (closed by close())
+                    buffering=0, prefix="replay-proxy-spool-", dir=self._directory
+                )
+            if self._written == 0:
+                log.info("%s: more than %d MB behind, the rest waits on disk",
+                         threading.current_thread().name, self.memory_limit >> 20)  # fmt: skip
+            written = self._file.write(record)
+            if written != len(record):
+                raise OSError(f"wrote {written} of {len(record)} bytes")
+        except OSError as error:
+            log.error("%s: cannot spool to disk, will retry: %s",
+                      threading.current_thread().name, error)  # fmt: skip
+            if self._file is not None:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._file.fileno(), self._written)
+                    self._file.seek(self._written)
+            return False
+        self._written += len(record)
+        self.spilled += 1
+        return True
 
     def take(self, wake: Callable[[], None], limit: int = 500) -> list[list[bytes]]:
         """From the event loop: up to `limit` messages that wait, in order (a disk chunk may
@@ -122,13 +141,12 @@ class Spool:
                     self._written = self._read = 0
                 self._wake = wake
                 return []
-            self._file.flush()
-            start, flushed = self._read, self._written
+            start, end = self._read, self._written
         size = READ_CHUNK
         while True:  # a message larger than the chunk: read more
-            data = os.pread(self._file.fileno(), min(size, flushed - start), start)
+            data = os.pread(self._file.fileno(), min(size, end - start), start)
             messages, used = decode(data)
-            if messages or size >= flushed - start:
+            if messages or size >= end - start:
                 break
             size *= 2
         with self._lock:
@@ -172,7 +190,10 @@ class IopubReader:
                         batch.append(socket.recv_multipart(zmq.NOBLOCK))
                     except zmq.Again:
                         break
-                self.spool.put(batch)
+                while batch:  # the disk failed: libzmq keeps the rest meanwhile, in order
+                    batch = batch[self.spool.put(batch) :]
+                    if batch and self._stopping.wait(1.0):
+                        return
         except zmq.ZMQError as error:
             if not self._stopping.is_set():
                 log.error("iopub reader stopped: %s", error)

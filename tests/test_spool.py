@@ -4,6 +4,7 @@ and takes interleave, messages come out once each, in the order they went in."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -94,5 +95,21 @@ def test_a_writing_thread_and_a_taker() -> None:
         writer.join()
         assert taken == sent
         assert queue.spilled > 0
+    finally:
+        queue.close()
+
+
+def test_a_failing_disk_takes_nothing_and_loses_nothing(tmp_path: Path) -> None:
+    """Disk full, or no room for the file: the thread keeps the rest and offers it again."""
+    directory = tmp_path / "not-yet"
+    queue = Spool(directory, memory_limit=10)
+    try:
+        assert queue.put([[b"fits"], [b"x" * 20], [b"after"]]) == 1
+        directory.mkdir()
+        assert queue.put([[b"x" * 20], [b"after"]]) == 2
+        taken = []
+        while more := queue.take(lambda: None):
+            taken.extend(more)
+        assert taken == [[b"fits"], [b"x" * 20], [b"after"]]
     finally:
         queue.close()
