@@ -44,6 +44,7 @@ class _Execution:
     owner: str = "client"  # "client", "proxy", or "nobody" (superseded, or no notebook)
     room: NotebookRoom | None = None
     restored: bool = False  # followed again after a proxy restart: its reply may never come
+    idle: bool = False  # the kernel's idle status for it came: no output of it follows
 
 
 @dataclass
@@ -126,10 +127,15 @@ class OutputFolder(Tap):
             if isinstance(content, dict):
                 kernel.fold.apply(execution.cell_id, message.msg_type, content)
                 self._write(kernel, execution)
-        elif message.msg_type == "status" and execution.restored and not execution.finished:
+        elif message.msg_type == "status" and not execution.finished:
+            # The reply (shell) can overtake the last outputs (iopub); the idle status follows
+            # them all, so an execution ends at both (a restored one at idle: its reply went
+            # to the proxy that stopped).
             content = message.content()
             if isinstance(content, dict) and content.get("execution_state") == "idle":
-                self._finished(kernel, execution)  # its reply went to the proxy that stopped
+                execution.idle = True
+                if execution.reply is not None or execution.restored:
+                    self._finished(kernel, execution)
         elif message.msg_type == "input_request":
             request = message.content()
             if isinstance(request, dict):
@@ -137,7 +143,8 @@ class OutputFolder(Tap):
         elif message.channel == "shell" and message.msg_type == "execute_reply":
             content = message.content()
             execution.reply = content if isinstance(content, dict) else {}
-            self._finished(kernel, execution)
+            if execution.idle:
+                self._finished(kernel, execution)
 
     def kernel_restarted(self, kernel_id: str) -> None:
         """No earlier request will be answered: unfinished executions end as they stand."""
