@@ -14,6 +14,8 @@ import aiohttp
 import nbformat
 import pytest
 
+from proxy.codecs import KERNEL_CHANNELS, Message, message_from_parts
+from proxy.relay import FROM_KERNEL, TO_KERNEL
 from proxy.upstream import Upstream
 from proxy.yroom import NotebookRoom
 
@@ -264,6 +266,45 @@ async def test_server_side_execution_of_a_cell_from_its_y_document(
     users = conn.execute("SELECT user, code FROM executions ORDER BY seq").fetchall()
     assert [code for _, code in users] == [PRINTING, "name = input('name? ')\nprint('hi', name)"]
     assert all(user for user, _ in users)  # named as jupyter-server's /api/me named the caller
+
+
+async def test_outputs_after_the_reply_still_reach_the_cell(handoff) -> None:
+    """The reply (shell) can overtake the last outputs (iopub): the fold ends an execution at
+    its reply and its idle status. The order is forced here: the messages are made, the
+    notebook room is jupyter-collaboration's."""
+    running, _, name = handoff
+    folder = running.proxy.folder
+    room = await folder.join(name)
+    kernel_id = "a-kernel-of-made-messages"
+
+    def message(channel: str, msg_type: str, content: dict[str, Any]) -> Message:
+        request = msg_type == "execute_request"
+        parts = [
+            json.dumps({"msg_id": "request-1" if request else f"{msg_type}-1",
+                        "msg_type": msg_type}).encode(),
+            json.dumps({} if request else {"msg_id": "request-1"}).encode(),
+            json.dumps({"cellId": "other"} if request else {}).encode(),
+            json.dumps(content).encode(),
+        ]  # fmt: skip
+        return message_from_parts(
+            channel, parts, allowed_channels=KERNEL_CHANNELS, validate_body=True
+        )
+
+    relayed = [
+        (TO_KERNEL, message("shell", "execute_request", {"code": "late()"})),
+        (FROM_KERNEL, message("shell", "execute_reply", {"status": "ok", "execution_count": 7})),
+        (FROM_KERNEL, message("iopub", "stream", {"name": "stdout", "text": "late\n"})),
+        (FROM_KERNEL, message("iopub", "status", {"execution_state": "idle"})),
+    ]
+    try:
+        folder.claim("request-1", room)
+        for seq, (direction, made) in enumerate(relayed, 1):
+            folder.message_relayed(seq, kernel_id, direction, made, None, 0.0)
+        cell = _cell(room, "other")
+        assert _text(cell) == "late\n"
+        assert cell["execution_count"] == 7 and cell["execution_state"] == "idle"
+    finally:
+        folder.leave(name)
 
 
 async def test_a_frontend_of_the_kernel_answers_input_of_a_server_side_execution(
