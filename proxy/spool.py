@@ -6,7 +6,7 @@ messages). When the kernel prints faster than the event loop relays and logs (a 
 busy machine), that queue grew with the lag, in memory. Here a thread does nothing but read
 the socket, so the kernel's messages leave libzmq at once; up to `memory_limit` bytes wait in
 memory for the event loop, and beyond that in a temporary file, which the event loop reads
-back in order. Memory stays bounded however far the relay falls behind.
+back in order. What waits for the relay takes bounded memory however far it falls behind.
 """
 
 from __future__ import annotations
