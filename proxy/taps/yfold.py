@@ -5,9 +5,10 @@ execution's outputs into the collaborative document; the proxy does not (a secon
 duplicates them). When the client has been gone for ``grace`` seconds and one of its
 executions was unfinished when it left, the proxy takes the execution over: it writes the
 cell's outputs as the fold has them (replacing whatever is there: idempotent), keeps them live
-until the reply, then sets the execution count and the idle state. An execution never writes
-into a cell that has been executed again since. An answer to an input() prompt is echoed into
-the outputs (``prompt value``, as JupyterLab shows it), so a proxy-written cell has it too.
+until its reply and its idle status, then sets the execution count and the idle state. An
+execution never writes into a cell that has been executed again since. An answer to an
+input() prompt is echoed into the outputs (``prompt value``, as JupyterLab shows it), so a
+proxy-written cell has it too.
 """
 
 from __future__ import annotations
@@ -112,9 +113,11 @@ class OutputFolder(Tap):
                 self._answered(kernel_id, message)
             return
         kernel = self.kernels.get(kernel_id)
+        state = None  # of a status message, parsed once
         if kernel is not None and message.msg_type == "status" and message.channel == "iopub":
             content = message.content()
-            if isinstance(content, dict) and content.get("execution_state") in _GONE:
+            state = content.get("execution_state") if isinstance(content, dict) else None
+            if state in _GONE:
                 self.kernel_restarted(kernel_id)
                 return
         execution = kernel.executions.get(message.parent_msg_id or "") if kernel else None
@@ -127,15 +130,13 @@ class OutputFolder(Tap):
             if isinstance(content, dict):
                 kernel.fold.apply(execution.cell_id, message.msg_type, content)
                 self._write(kernel, execution)
-        elif message.msg_type == "status" and not execution.finished:
+        elif state == "idle" and not execution.finished:
             # The reply (shell) can overtake the last outputs (iopub); the idle status follows
             # them all, so an execution ends at both (a restored one at idle: its reply went
             # to the proxy that stopped).
-            content = message.content()
-            if isinstance(content, dict) and content.get("execution_state") == "idle":
-                execution.idle = True
-                if execution.reply is not None or execution.restored:
-                    self._finished(kernel, execution)
+            execution.idle = True
+            if execution.reply is not None or execution.restored:
+                self._finished(kernel, execution)
         elif message.msg_type == "input_request":
             request = message.content()
             if isinstance(request, dict):
