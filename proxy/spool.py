@@ -74,7 +74,7 @@ class Spool:
     def __init__(self, directory: Path | None = None, memory_limit: int = MEMORY_LIMIT) -> None:
         self.memory_limit = memory_limit
         self._lock = threading.Lock()
-        self._memory: collections.deque[list[bytes]] = collections.deque()
+        self._memory: collections.deque[tuple[list[bytes], int]] = collections.deque()  # size
         self._memory_bytes = 0
         self._directory = directory
         self._file: IO[bytes] | None = None  # made at the first spill; private, unlinked
@@ -91,7 +91,7 @@ class Spool:
             for frames in messages:
                 size = sum(len(f) for f in frames)
                 if self._written == self._read and self._memory_bytes + size <= self.memory_limit:
-                    self._memory.append(frames)
+                    self._memory.append((frames, size))
                     self._memory_bytes += size
                 elif not self._spill(encode(frames)):
                     break
@@ -131,8 +131,11 @@ class Spool:
         give more); if none does, `wake` is called (from the thread) at the next :meth:`put`."""
         with self._lock:
             if self._memory:
-                taken = [self._memory.popleft() for _ in range(min(limit, len(self._memory)))]
-                self._memory_bytes -= sum(len(f) for frames in taken for f in frames)
+                taken = []
+                for _ in range(min(limit, len(self._memory))):
+                    frames, size = self._memory.popleft()
+                    self._memory_bytes -= size
+                    taken.append(frames)
                 return taken
             if self._file is None or self._written == self._read:
                 if self._file is not None and self._written:  # read to its end: start over
