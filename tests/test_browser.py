@@ -62,7 +62,6 @@ async def _open(browser: Browser, url: str) -> Page:
     await page.goto(url)
     await page.locator(".jp-Notebook .jp-Cell").first.wait_for()
     # the kernel is ready once the toolbar's kernel status shows it idle
-    await page.locator(".jp-Notebook .jp-Cell").first.wait_for()
     await page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for()
     await asyncio.sleep(3)
     return page
