@@ -44,6 +44,7 @@ log = logging.getLogger("jupyter_replay_proxy.links")
 
 _SERVER_STATES = (b'"restarting"', b'"autorestarting"', b'"dead"')
 _BACKOFF_MAX = 5.0
+_STDIN_WAIT = 2.0  # seconds requests wait for the stdin socket once the kernel's iopub flows
 _JOIN_WAIT = 2.0  # seconds zmq output waits for the presence to hand over jupyter-server's buffer
 
 
@@ -255,7 +256,7 @@ class ZmqLink:
 
     async def _nudge(self, timeout: float = 30.0) -> None:
         """Ask for kernel_info until iopub flows (a SUB socket misses what precedes its join),
-        and hold client messages until stdin is connected too."""
+        and hold client messages until stdin is connected too (at most `_STDIN_WAIT` more)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while not self._iopub_flowing.is_set() and loop.time() < deadline:
@@ -267,10 +268,10 @@ class ZmqLink:
         if not self._iopub_flowing.is_set():
             log.warning("Kernel %s: no iopub message after %.0f s", self.kernel_id, timeout)
             self._iopub_flowing.set()
-        try:
-            await asyncio.wait_for(self._stdin_connected.wait(), max(1.0, deadline - loop.time()))
+        try:  # once iopub flows the kernel is up: stdin follows within a retry (100 ms)
+            await asyncio.wait_for(self._stdin_connected.wait(), _STDIN_WAIT)
         except asyncio.TimeoutError:
-            log.warning("Kernel %s: stdin not connected after %.0f s", self.kernel_id, timeout)
+            log.warning("Kernel %s: stdin not seen connected after iopub; going on", self.kernel_id)
         self._ready = True
         held, self._held = self._held, []
         for message in held:
