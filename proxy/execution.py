@@ -335,6 +335,9 @@ class ServerExecutor(Tap):
             await asyncio.sleep(0)
             ycell = room.cell(job.cell_id)
             result["outputs"] = ycell["outputs"].to_py() if ycell is not None else []
+            # done means done in the notebook too: whoever opens it next sees these outputs
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(room.sent(), 10)
         if content.get("status") == "error":
             result.update({k: content.get(k) for k in ("ename", "evalue", "traceback")})
         return result

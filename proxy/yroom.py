@@ -174,13 +174,20 @@ class NotebookRoom:
         """Send local changes, those of one interval merged into one update: a cell printing
         as fast as it can makes thousands of changes a second, and jupyter-collaboration's
         room loses updates that come in faster than it applies them."""
+        outgoing = self._outgoing  # this document's: a fresh one gets a queue of its own
         while True:
-            updates = [await self._outgoing.get()]
+            updates = [await outgoing.get()]
             await asyncio.sleep(_SEND_INTERVAL)
-            while not self._outgoing.empty():
-                updates.append(self._outgoing.get_nowait())
+            while not outgoing.empty():
+                updates.append(outgoing.get_nowait())
             merged = updates[0] if len(updates) == 1 else merge_updates(*updates)
             await ws.send_bytes(create_update_message(merged))
+            for _ in updates:
+                outgoing.task_done()
+
+    async def sent(self) -> None:
+        """Return once every local change made so far has been sent to jupyter-collaboration."""
+        await self._outgoing.join()
 
 
 async def collaboration_problem(upstream: Upstream) -> str | None:
