@@ -39,10 +39,14 @@ from tests.conftest import (
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    """Resident memory of a process and its children (the proxy's iopub readers), in MB."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:  # it just exited
+        return 0.0
+    rss = [int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")]
+    return sum(rss) / 1024 + sum(rss_mb(int(child)) for child in children)
 
 
 class ProxyProcess:

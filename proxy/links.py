@@ -37,7 +37,7 @@ from .codecs import (
     message_from_parts,
 )
 from .relay import in_background
-from .spool import IopubReader, Spool
+from .spool import Spool
 from .upstream import Upstream
 
 log = logging.getLogger("jupyter_replay_proxy.links")
@@ -159,8 +159,9 @@ class _Presence:
 class ZmqLink:
     """Direct zmq connection to a local kernel: lossless.
 
-    Its iopub is read by a thread into `spool` (:mod:`proxy.spool`); `log_room` is awaited
-    before more of it is relayed, so while the log falls behind the backlog waits on disk.
+    Its iopub is read by a process of its own into a file in `spool_dir` (:mod:`proxy.spool`);
+    `log_room` is awaited before more of it is relayed, so while the log falls behind the
+    backlog waits on disk.
     """
 
     kind = "zmq"
@@ -174,7 +175,7 @@ class ZmqLink:
         gone: Callable[[str], None],
         context: zmq.asyncio.Context,
         stable_id: str,
-        spool: Spool | None = None,
+        spool_dir: Path | None = None,
         log_room: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.kernel_id = kernel_id
@@ -193,10 +194,7 @@ class ZmqLink:
             "control": client.connect_control(identity=identity),
             "stdin": self._watched_stdin(context, info, identity),
         }
-        self.iopub = IopubReader(
-            zmq.Context(shadow=context.underlying), _address(info, "iopub_port"),
-            spool or Spool(), f"iopub-{kernel_id}",
-        )  # fmt: skip
+        self.iopub = Spool(_address(info, "iopub_port"), spool_dir, f"Kernel {kernel_id}")
         self._readers: list[asyncio.Task[None]] = []
         self._iopub_flowing = asyncio.Event()
         self._held: list[Message] = []  # client messages sent before iopub and stdin were ready
@@ -264,7 +262,7 @@ class ZmqLink:
             self._nudges.add(request["header"]["msg_id"])
             self.session.send(self.sockets["shell"], request)
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._iopub_flowing.wait(), 0.5)
+                await asyncio.wait_for(self._iopub_flowing.wait(), 0.25)
         if not self._iopub_flowing.is_set():
             log.warning("Kernel %s: no iopub message after %.0f s", self.kernel_id, timeout)
             self._iopub_flowing.set()
@@ -286,21 +284,13 @@ class ZmqLink:
             self._receive(channel, frames)
 
     async def _relay_iopub(self) -> None:
-        """Relay what the iopub thread read, a slice at a time so other work runs between."""
-        loop = asyncio.get_running_loop()
-        waiting = asyncio.Event()
-
-        def wake() -> None:  # from the thread
-            with contextlib.suppress(RuntimeError):  # the loop has closed
-                loop.call_soon_threadsafe(waiting.set)
-
+        """Relay what the iopub reader wrote, a slice at a time so other work runs between."""
         while True:
             if self._log_room is not None:
                 await self._log_room()
-            batch = self.iopub.spool.take(wake)
+            batch = self.iopub.take()
             if not batch:
-                await waiting.wait()
-                waiting.clear()
+                await self.iopub.more()
                 continue
             for count, frames in enumerate(batch, 1):
                 self._receive("iopub", frames)
@@ -379,11 +369,12 @@ class ZmqLink:
         await self.presence.close()
         for task in self._readers:
             task.cancel()
+        await asyncio.gather(*self._readers, return_exceptions=True)
         self.sockets["stdin"].disable_monitor()
         self._stdin_events.close(linger=0)
         for socket in self.sockets.values():
             socket.close(linger=0)
-        await asyncio.to_thread(self.iopub.stop)
+        await asyncio.to_thread(self.iopub.close)
 
 
 class WebsocketLink:

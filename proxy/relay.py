@@ -443,11 +443,12 @@ class Relay:
         on a client's demand) was not in it and must not be dropped for that.
         """
         running = set(running)
-        for kernel_id in running - self.kernels.keys() - self._starting.keys():
-            try:
-                await self.kernel(kernel_id)
-            except Exception as error:
-                log.warning("Cannot link to kernel %s: %s", kernel_id, error)
+        new = sorted(running - self.kernels.keys() - self._starting.keys())
+        # together: a kernel slow to answer (busy starting, or stuck) holds up no other
+        results = await asyncio.gather(*map(self.kernel, new), return_exceptions=True)
+        for kernel_id, result in zip(new, results, strict=True):
+            if isinstance(result, Exception):
+                log.warning("Cannot link to kernel %s: %s", kernel_id, result)
         for kernel_id in set(self.kernels) - running:
             relay = self.kernels.get(kernel_id)  # (another sync may have dropped it meanwhile)
             if relay is not None and (listed_at is None or relay.linked_at < listed_at):

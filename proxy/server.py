@@ -26,7 +26,7 @@ import zmq.asyncio
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from . import __version__, spool
+from . import __version__
 from .api import AuditApi
 from .codecs import LEGACY, V1_SUBPROTOCOL, FrameError, Message, decode_client_frame, with_seq
 from .execution import ServerExecutor
@@ -71,8 +71,7 @@ class ProxySettings:
     write_outputs: bool = True  # take over outputs of executions whose client left
     server_side_execution: bool = True  # serve POST /api/kernels/{id}/execute; pages use it
     handoff_grace: float = 5.0  # seconds a client may be gone before the proxy writes for it
-    spool_dir: Path | None = None  # where a kernel's unrelayed iopub waits past spool_memory
-    spool_memory: int = spool.MEMORY_LIMIT  # bytes of it that wait in memory first
+    spool_dir: Path | None = None  # where a kernel's iopub waits until it is relayed
 
 
 async def _close(ws: web.WebSocketResponse, code: int, reason: str) -> None:
@@ -203,8 +202,8 @@ class ReplayProxy:
             self.upstream_error = message
             return
         self.upstream_error = None
+        await self._note_notebooks()  # first: a takeover after a restart looks its notebook up
         await self.relay.sync(running, listed_at)
-        await self._note_notebooks()
 
     async def _note_notebooks(self) -> None:
         """Log which notebook each kernel serves, when that is new: the audit trail's paths."""
@@ -240,7 +239,7 @@ class ReplayProxy:
                     gone,
                     self.zmq_context,
                     str(stable_id),
-                    spool.Spool(self.settings.spool_dir, self.settings.spool_memory),
+                    self.settings.spool_dir,
                     self.writer.until_caught_up,
                 )
             except (OSError, ValueError, KeyError) as error:
@@ -380,10 +379,8 @@ class ReplayProxy:
                 "id": kid,
                 "link": relay.link.kind,
                 "clients": len(relay.clients),
-                # messages that waited on disk because the relay or the log fell behind
-                "spilled": (
-                    relay.link.iopub.spool.spilled if isinstance(relay.link, ZmqLink) else 0
-                ),
+                # the most iopub bytes that waited on disk because the relay or the log fell behind
+                "spool_peak": relay.link.iopub.peak if isinstance(relay.link, ZmqLink) else 0,
             }
             for kid, relay in self.relay.kernels.items()
         ]

@@ -1,17 +1,26 @@
-"""The iopub spool, as pure properties: no kernel. Whatever the memory bound and however puts
-and takes interleave, messages come out once each, in the order they went in."""
+"""The iopub spool: its record format as pure properties, and the reader process against a real
+zmq PUB socket (an XPUB here, which tells when the reader's subscription has landed)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+import zmq
+from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy import spool
-from proxy.spool import Spool, decode, encode
+from proxy.spool import Spool
+from proxy.spool_writer import decode, encode, read_into
 
 frames_strategy = st.lists(st.binary(max_size=300), min_size=1, max_size=7)
 
@@ -26,90 +35,134 @@ def test_decode_gives_back_whole_messages_only(messages: list[list[bytes]], cut:
     assert used == len(b"".join(encode(frames) for frames in decoded))
 
 
-@settings(max_examples=150, deadline=None)
-@given(
-    st.lists(st.lists(frames_strategy, max_size=12), max_size=25),
-    st.lists(st.integers(min_value=0, max_value=3), max_size=40),
-    st.integers(min_value=0, max_value=2000),
-)
-def test_order_across_memory_and_disk(
-    batches: list[list[list[bytes]]], takes: list[int], memory_limit: int
+@pytest.fixture
+def publisher() -> Iterator[tuple[zmq.Socket, str]]:
+    context = zmq.Context()
+    xpub = context.socket(zmq.XPUB)
+    xpub.setsockopt(zmq.SNDHWM, 0)  # the test publishes faster than anyone reads
+    port = xpub.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        yield xpub, f"tcp://127.0.0.1:{port}"
+    finally:
+        xpub.close(linger=0)
+        context.term()
+
+
+def subscribed(xpub: zmq.Socket) -> None:
+    """Wait for a reader's subscription (a PUB drops what it sends before that), past the
+    unsubscriptions of readers that are gone."""
+    while True:
+        assert xpub.poll(10_000), "the reader never subscribed"
+        if xpub.recv() == b"\x01":
+            return
+
+
+async def take_all(queue: Spool, count: int) -> list[list[bytes]]:
+    taken: list[list[bytes]] = []
+    while len(taken) < count:
+        more = queue.take()
+        if not more:
+            await asyncio.wait_for(queue.more(), 10)
+        taken.extend(more)
+    return taken
+
+
+def messages(count: int, tag: bytes) -> list[list[bytes]]:
+    return [[tag, b"%d" % i, b"y" * (i * 37 % 3000)] for i in range(count)]
+
+
+async def test_a_flood_arrives_whole_and_in_order(
+    publisher: tuple[zmq.Socket, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    queue = Spool(memory_limit=memory_limit)
-    taken: list[list[bytes]] = []
-    woken: list[int] = []
-    pending_takes = iter(takes)
+    monkeypatch.setattr(spool, "READ_CHUNK", 4096)  # messages larger than a read, too
+    xpub, address = publisher
+    queue = Spool(address, tmp_path)
+    queue.start()
     try:
-        for batch in batches:
-            queue.put(batch)
-            for _ in range(next(pending_takes, 0)):
-                taken.extend(queue.take(lambda: woken.append(1), limit=3))
-        while True:
-            more = queue.take(lambda: woken.append(1))
-            if not more:
-                break
-            taken.extend(more)
-        assert taken == [frames for batch in batches for frames in batch]
-        queue.put([[b"after"]])  # a take that found nothing is woken by the next put
-        assert woken
-        assert queue.take(lambda: None) == [[b"after"]]
+        subscribed(xpub)
+        sent = [*messages(20_000, b"a"), [b"big", b"z" * 100_000]]
+        for frames in sent:
+            xpub.send_multipart(frames)
+        assert await take_all(queue, len(sent)) == sent
+        assert queue.peak > 0, "everything was read at once: the test proves nothing"
+        # Caught up, the reader empties the file and starts over: it never grows for good.
+        more = messages(10, b"b")
+        waiting = asyncio.ensure_future(take_all(queue, len(more)))
+        await asyncio.sleep(0.2)
+        for frames in more:
+            xpub.send_multipart(frames)
+        assert await waiting == more
+        assert os.fstat(queue._file).st_size == sum(len(encode(m)) for m in more)
+        assert list(tmp_path.iterdir()) == [], "the file is not unlinked"
     finally:
         queue.close()
 
 
-def test_a_message_larger_than_a_disk_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(spool, "READ_CHUNK", 16)
-    queue = Spool(memory_limit=0)
-    big = [b"h" * 10, b"x" * 100]
+async def test_a_killed_reader_is_started_again(publisher: tuple[zmq.Socket, str]) -> None:
+    xpub, address = publisher
+    queue = Spool(address)
+    queue.start()
     try:
-        queue.put([[b"small"], big, [b"tail"]])
-        assert queue.spilled == 3
-        taken = []
-        while more := queue.take(lambda: None):
-            taken.extend(more)
-        assert taken == [[b"small"], big, [b"tail"]]
+        subscribed(xpub)
+        before = messages(100, b"before")
+        for frames in before:
+            xpub.send_multipart(frames)
+        assert await take_all(queue, len(before)) == before
+        first = queue.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        await asyncio.wait_for(queue.more(), 10)  # sees the reader gone
+        assert queue.take() == []
+        waiting = asyncio.ensure_future(queue.more())  # starts it again
+        await asyncio.to_thread(subscribed, xpub)
+        after = messages(100, b"after")
+        for frames in after:
+            xpub.send_multipart(frames)
+        await asyncio.wait_for(waiting, 10)
+        assert queue.pid != first
+        assert await take_all(queue, len(after)) == after
     finally:
         queue.close()
 
 
-def test_a_writing_thread_and_a_taker() -> None:
-    """As the iopub thread uses it: puts from another thread, the bound far below the flow."""
-    queue = Spool(memory_limit=5_000)
-    sent = [[b"%d" % i, b"y" * (i % 200)] for i in range(20_000)]
-    more_came = threading.Event()
+async def test_the_reader_exits_when_the_proxy_closes(publisher: tuple[zmq.Socket, str]) -> None:
+    xpub, address = publisher
+    queue = Spool(address)
+    queue.start()
+    subscribed(xpub)
+    process = queue._process
+    assert process is not None
+    await asyncio.to_thread(queue.close)
+    assert process.returncode == 0
 
-    def write() -> None:
-        for start in range(0, len(sent), 100):
-            queue.put(sent[start : start + 100])
 
-    writer = threading.Thread(target=write)
-    writer.start()
-    taken: list[list[bytes]] = []
+def test_a_failing_disk_loses_nothing(publisher: tuple[zmq.Socket, str]) -> None:
+    """Disk full: the reader keeps its batch, the rest waits in libzmq, and once writes succeed
+    again everything is in the file, in order. /dev/full stands in for the full disk; the same
+    descriptor is then pointed at a real file."""
+    xpub, address = publisher
+    file = os.open("/dev/full", os.O_WRONLY)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    reader = threading.Thread(target=read_into, args=(address, file, theirs))
+    reader.start()
     try:
-        while len(taken) < len(sent):
-            more = queue.take(more_came.set)
-            if not more:
-                more_came.wait(5)
-                more_came.clear()
-            taken.extend(more)
-        writer.join()
-        assert taken == sent
-        assert queue.spilled > 0
+        subscribed(xpub)
+        sent = messages(3000, b"d")
+        for frames in sent:
+            xpub.send_multipart(frames)
+        threading.Event().wait(1.5)  # at least one failed write and one retry
+        with tempfile.TemporaryFile() as real:
+            os.dup2(real.fileno(), file)
+            expected = b"".join(encode(frames) for frames in sent)
+            for _ in range(100):
+                if os.fstat(file).st_size >= len(expected):
+                    break
+                threading.Event().wait(0.1)
+            assert os.pread(file, len(expected) + 1, 0) == expected
     finally:
-        queue.close()
-
-
-def test_a_failing_disk_takes_nothing_and_loses_nothing(tmp_path: Path) -> None:
-    """Disk full, or no room for the file: the thread keeps the rest and offers it again."""
-    directory = tmp_path / "not-yet"
-    queue = Spool(directory, memory_limit=10)
-    try:
-        assert queue.put([[b"fits"], [b"x" * 20], [b"after"]]) == 1
-        directory.mkdir()
-        assert queue.put([[b"x" * 20], [b"after"]]) == 2
-        taken = []
-        while more := queue.take(lambda: None):
-            taken.extend(more)
-        assert taken == [[b"fits"], [b"x" * 20], [b"after"]]
-    finally:
-        queue.close()
+        ours.close()  # the proxy is gone: the reader exits
+        reader.join(10)
+        theirs.close()
+        with contextlib.suppress(OSError):
+            os.close(file)
+    assert not reader.is_alive()
