@@ -37,7 +37,7 @@ from .codecs import (
     message_from_parts,
 )
 from .relay import in_background
-from .spool import Spool
+from .spool import SpoolReader
 from .upstream import Upstream
 
 log = logging.getLogger("jupyter_replay_proxy.links")
@@ -159,7 +159,7 @@ class _Presence:
 class ZmqLink:
     """Direct zmq connection to a local kernel: lossless.
 
-    Its iopub is read by a process of its own into a file in `spool_dir` (:mod:`proxy.spool`);
+    Its iopub is read by the proxy's reader process into a file (:mod:`proxy.spool`);
     `log_room` is awaited before more of it is relayed, so while the log falls behind the
     backlog waits on disk.
     """
@@ -175,7 +175,7 @@ class ZmqLink:
         gone: Callable[[str], None],
         context: zmq.asyncio.Context,
         stable_id: str,
-        spool_dir: Path | None = None,
+        spools: SpoolReader,
         log_room: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.kernel_id = kernel_id
@@ -194,7 +194,7 @@ class ZmqLink:
             "control": client.connect_control(identity=identity),
             "stdin": self._watched_stdin(context, info, identity),
         }
-        self.iopub = Spool(_address(info, "iopub_port"), spool_dir, f"Kernel {kernel_id}")
+        self.iopub = spools.spool(_address(info, "iopub_port"), f"Kernel {kernel_id}")
         self._readers: list[asyncio.Task[None]] = []
         self._iopub_flowing = asyncio.Event()
         self._held: list[Message] = []  # client messages sent before iopub and stdin were ready
@@ -230,7 +230,7 @@ class ZmqLink:
         return cls(args[0], json.loads(path.read_text()), *args[1:])
 
     async def start(self) -> None:
-        self.iopub.start()
+        self.iopub.open()
         self.presence.start()
         with contextlib.suppress(asyncio.TimeoutError):  # before anyone else's connection
             await asyncio.wait_for(self.presence.tried.wait(), 5)
@@ -374,7 +374,7 @@ class ZmqLink:
         self._stdin_events.close(linger=0)
         for socket in self.sockets.values():
             socket.close(linger=0)
-        await asyncio.to_thread(self.iopub.close)
+        self.iopub.close()
 
 
 class WebsocketLink:

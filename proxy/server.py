@@ -32,6 +32,7 @@ from .codecs import LEGACY, V1_SUBPROTOCOL, FrameError, Message, decode_client_f
 from .execution import ServerExecutor
 from .links import WebsocketLink, ZmqLink, connection_file
 from .relay import Client, KernelRelay, Relay, Tap, in_background
+from .spool import SpoolReader
 from .taps.log import LogWriter
 from .taps.replay import Replayer, parse_replay
 from .taps.yfold import OutputFolder
@@ -132,6 +133,7 @@ class ReplayProxy:
             )  # fmt: skip
             self.taps.append(self.executor)
         self.zmq_context = zmq.asyncio.Context()
+        self.spools = SpoolReader(settings.spool_dir)
         self._sockets: dict[Client, web.WebSocketResponse] = {}
         self._poller: asyncio.Task[None] | None = None
         self._closing = False
@@ -185,6 +187,7 @@ class ReplayProxy:
         if self.folder is not None:
             await self.folder.close()
         await self.relay.close()
+        await self.spools.close()
         await self.upstream.close()
         self.zmq_context.destroy(linger=0)  # every link closed its sockets; never hang on one
         self.replayer.close()
@@ -239,7 +242,7 @@ class ReplayProxy:
                     gone,
                     self.zmq_context,
                     str(stable_id),
-                    self.settings.spool_dir,
+                    self.spools,
                     self.writer.until_caught_up,
                 )
             except (OSError, ValueError, KeyError) as error:

@@ -1,13 +1,15 @@
-"""The iopub reader process: a kernel's PUB socket to the spool file, as fast as it publishes.
+"""The iopub reader process: kernels' PUB sockets to spool files, as fast as they publish.
 
-Run by :class:`proxy.spool.Spool` as ``python -m proxy.spool_writer ADDRESS FILE_FD CONTROL_FD``
-and kept small (no asyncio, nothing of the proxy), as there is one per kernel. It exits when the
-proxy closes its end of the socket pair, also when the proxy is killed. The record format and
-the two packets of the socket pair are defined here; see :mod:`proxy.spool` for the protocol.
+One per proxy, started by :class:`proxy.spool.SpoolReader` as
+``python -m proxy.spool_writer CONTROL_FD`` and kept small (no asyncio, nothing else of the
+proxy). It exits when the proxy closes its end of the socket pair, also when the proxy is
+killed. The record format and the packets of the socket pair are defined here; see
+:mod:`proxy.spool` for the protocol.
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
 import logging
 import os
@@ -20,10 +22,15 @@ import zmq
 log = logging.getLogger("jupyter_replay_proxy.spool")
 
 _COUNT = struct.Struct("<I")  # frames of a message, then each frame's length, then the frames
-READ_ALL = struct.Struct("<QQ")  # proxy -> reader: epoch, offset
-MORE = struct.Struct("<Q")  # reader -> proxy: epoch
-#: Messages the reader takes off the socket per write.
+#: proxy -> reader: kind, stream, epoch, offset; OPEN carries the address after it, and the
+#: file's descriptor beside it
+REQUEST = struct.Struct("<BQQQ")
+OPEN, READ_ALL, CLOSE = 1, 2, 3
+#: reader -> proxy: stream, epoch
+MORE = struct.Struct("<QQ")
+#: Messages taken off one socket per write.
 BATCH = 1000
+_MAX_REQUEST = 4096
 
 
 def encode(frames: list[bytes]) -> bytes:
@@ -55,65 +62,114 @@ def decode(data: bytes | memoryview) -> tuple[list[list[bytes]], int]:
     return messages, offset
 
 
-def read_into(address: str, file: int, control: socket.socket) -> None:
-    """The reader's side: socket to file, as fast as the kernel publishes, until the proxy is
-    gone. On a disk error the batch is kept and written again each second, and the rest waits
-    in libzmq meanwhile."""
+class _Stream:
+    """One kernel's iopub: its SUB socket, and the file it goes to."""
+
+    def __init__(self, context: zmq.Context, address: str, file: int) -> None:
+        self.socket = context.socket(zmq.SUB)
+        self.socket.setsockopt(zmq.RCVHWM, 0)  # before connect: it applies to new pipes only
+        self.socket.setsockopt(zmq.SUBSCRIBE, b"")
+        self.socket.linger = 0
+        self.socket.connect(address)
+        self.file = file
+        self.epoch = self.written = 0
+        self.waiter: tuple[int, int] | None = None  # the proxy read all up to here and waits
+        self.unwritten = b""  # a batch the disk refused (full): the rest waits in libzmq
+
+    def read_all(self, epoch: int, offset: int) -> None:
+        self.waiter = (epoch, offset)
+        if self.waiter == (self.epoch, self.written) and self.written:  # all of it: start over
+            os.ftruncate(self.file, 0)
+            self.epoch, self.written = self.epoch + 1, 0
+
+    def pump(self) -> None:
+        """Write what the socket has (a batch at a time), or retry a refused batch."""
+        if not self.unwritten:
+            batch = []
+            with contextlib.suppress(zmq.Again):
+                while len(batch) < BATCH:
+                    batch.append(encode(self.socket.recv_multipart(zmq.NOBLOCK)))
+            self.unwritten = b"".join(batch)
+        if not self.unwritten:
+            return
+        try:
+            count = os.pwrite(self.file, self.unwritten, self.written)
+            if count != len(self.unwritten):
+                raise OSError(f"wrote {count} of {len(self.unwritten)} bytes")
+        except OSError as error:
+            log.error("cannot write an iopub spool, will retry: %s", error)
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.file, self.written)
+        else:
+            self.written += len(self.unwritten)
+            self.unwritten = b""
+
+    def wakes(self) -> bool:
+        """Whether the waiting proxy has more to read now (then it no longer waits)."""
+        if self.waiter is not None and self.written and self.waiter != (self.epoch, self.written):
+            self.waiter = None
+            return True
+        return False
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+        os.close(self.file)
+
+
+def _next_request(control: socket.socket) -> tuple[bytes, list[int]] | None:
+    """A request that waits and the descriptor sent with it; None if none waits.
+    (socket.recv_fds ignores its flags before Python 3.12.)"""
+    fds = array.array("i")
+    try:
+        request, ancillary, _, _ = control.recvmsg(
+            _MAX_REQUEST, socket.CMSG_LEN(fds.itemsize), socket.MSG_DONTWAIT
+        )
+    except BlockingIOError:
+        return None
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    return request, list(fds)
+
+
+def serve(control: socket.socket) -> None:
+    """Follow the proxy's requests and pump every open stream, until the proxy is gone."""
     context = zmq.Context()
-    iopub = context.socket(zmq.SUB)
-    iopub.setsockopt(zmq.RCVHWM, 0)  # before connect: it applies to new pipes only
-    iopub.setsockopt(zmq.SUBSCRIBE, b"")
-    iopub.linger = 0
-    iopub.connect(address)
+    streams: dict[int, _Stream] = {}
     poller = zmq.Poller()
     poller.register(control, zmq.POLLIN)
-    epoch = written = 0
-    waiter: tuple[int, int] | None = None  # the proxy read all up to here and waits
-    unwritten = b""
     try:
         while True:
-            # a batch not written yet (disk error): the rest waits in libzmq meanwhile
-            poller.register(iopub, 0 if unwritten else zmq.POLLIN)
-            events = dict(poller.poll(1000 if unwritten else None))
-            if control.fileno() in events:  # a non-zmq socket is given back as its fd
-                packet = control.recv(READ_ALL.size)
-                if not packet:
-                    return
-                waiter = READ_ALL.unpack(packet)
-                if waiter == (epoch, written) and written:
-                    os.ftruncate(file, 0)
-                    epoch, written = epoch + 1, 0
-            if not unwritten:
-                batch = []
-                with contextlib.suppress(zmq.Again):
-                    while len(batch) < BATCH:
-                        batch.append(encode(iopub.recv_multipart(zmq.NOBLOCK)))
-                unwritten = b"".join(batch)
-            if unwritten:
-                try:
-                    count = os.pwrite(file, unwritten, written)
-                    if count != len(unwritten):
-                        raise OSError(f"wrote {count} of {len(unwritten)} bytes")
-                except OSError as error:
-                    log.error("cannot write the iopub spool, will retry: %s", error)
-                    with contextlib.suppress(OSError):
-                        os.ftruncate(file, written)
-                else:
-                    written += len(unwritten)
-                    unwritten = b""
-            if waiter is not None and written and waiter != (epoch, written):
-                control.send(MORE.pack(epoch))
-                waiter = None
+            for stream in streams.values():
+                poller.register(stream.socket, 0 if stream.unwritten else zmq.POLLIN)
+            poller.poll(1000 if any(s.unwritten for s in streams.values()) else None)
+            while (received := _next_request(control)) is not None:
+                request, fds = received
+                if not request:
+                    return  # the proxy is gone
+                kind, key, epoch, offset = REQUEST.unpack_from(request)
+                if kind == OPEN:
+                    streams[key] = _Stream(context, request[REQUEST.size :].decode(), fds[0])
+                elif kind == READ_ALL and key in streams:
+                    streams[key].read_all(epoch, offset)
+                elif kind == CLOSE and key in streams:
+                    stream = streams.pop(key)
+                    poller.register(stream.socket, 0)  # (0: no longer polled)
+                    stream.close()
+            for key, stream in streams.items():
+                stream.pump()
+                if stream.wakes():
+                    control.send(MORE.pack(key, stream.epoch))
     finally:
-        iopub.close(linger=0)
+        for stream in streams.values():
+            stream.close()
         context.term()
 
 
 def main() -> None:
     logging.basicConfig(format="[%(levelname)1.1s %(asctime)s %(name)s] %(message)s")
-    address, file, control = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    with socket.socket(fileno=control) as pair:
-        read_into(address, file, pair)
+    with socket.socket(fileno=int(sys.argv[1])) as control:
+        serve(control)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ zmq PUB socket (an XPUB here, which tells when the reader's subscription has lan
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import socket
@@ -19,8 +18,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy import spool
-from proxy.spool import Spool
-from proxy.spool_writer import decode, encode, read_into
+from proxy.spool import Spool, SpoolReader
+from proxy.spool_writer import OPEN, REQUEST, decode, encode, serve
 
 frames_strategy = st.lists(st.binary(max_size=300), min_size=1, max_size=7)
 
@@ -36,15 +35,20 @@ def test_decode_gives_back_whole_messages_only(messages: list[list[bytes]], cut:
 
 
 @pytest.fixture
-def publisher() -> Iterator[tuple[zmq.Socket, str]]:
+def publishers() -> Iterator[list[tuple[zmq.Socket, str]]]:
+    """Two kernels' iopub, as far as the reader can tell."""
     context = zmq.Context()
-    xpub = context.socket(zmq.XPUB)
-    xpub.setsockopt(zmq.SNDHWM, 0)  # the test publishes faster than anyone reads
-    port = xpub.bind_to_random_port("tcp://127.0.0.1")
+    sockets = []
+    for _ in range(2):
+        xpub = context.socket(zmq.XPUB)
+        xpub.setsockopt(zmq.SNDHWM, 0)  # the test publishes faster than anyone reads
+        port = xpub.bind_to_random_port("tcp://127.0.0.1")
+        sockets.append((xpub, f"tcp://127.0.0.1:{port}"))
     try:
-        yield xpub, f"tcp://127.0.0.1:{port}"
+        yield sockets
     finally:
-        xpub.close(linger=0)
+        for xpub, _ in sockets:
+            xpub.close(linger=0)
         context.term()
 
 
@@ -72,43 +76,52 @@ def messages(count: int, tag: bytes) -> list[list[bytes]]:
 
 
 async def test_a_flood_arrives_whole_and_in_order(
-    publisher: tuple[zmq.Socket, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    publishers: list[tuple[zmq.Socket, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(spool, "READ_CHUNK", 4096)  # messages larger than a read, too
-    xpub, address = publisher
-    queue = Spool(address, tmp_path)
-    queue.start()
+    """Two kernels at once through one reader; messages larger than a read, too."""
+    monkeypatch.setattr(spool, "READ_CHUNK", 4096)
+    reader = SpoolReader(tmp_path)
+    queues = [reader.spool(address) for _, address in publishers]
     try:
-        subscribed(xpub)
-        sent = [*messages(20_000, b"a"), [b"big", b"z" * 100_000]]
-        for frames in sent:
-            xpub.send_multipart(frames)
-        assert await take_all(queue, len(sent)) == sent
-        assert queue.peak > 0, "everything was read at once: the test proves nothing"
+        for queue, (xpub, _) in zip(queues, publishers, strict=True):
+            queue.open()
+            subscribed(xpub)
+        sent = [messages(20_000, b"a"), [*messages(5_000, b"b"), [b"big", b"z" * 100_000]]]
+        for (xpub, _), kernel_sent in zip(publishers, sent, strict=True):
+            for frames in kernel_sent:
+                xpub.send_multipart(frames)
+        taken = await asyncio.gather(
+            *(take_all(q, len(m)) for q, m in zip(queues, sent, strict=True))
+        )
+        assert taken == sent
+        assert queues[0].peak > 0, "everything was read at once: the test proves nothing"
         # Caught up, the reader empties the file and starts over: it never grows for good.
-        more = messages(10, b"b")
-        waiting = asyncio.ensure_future(take_all(queue, len(more)))
+        more = messages(10, b"c")
+        waiting = asyncio.ensure_future(take_all(queues[0], len(more)))
         await asyncio.sleep(0.2)
         for frames in more:
-            xpub.send_multipart(frames)
+            publishers[0][0].send_multipart(frames)
         assert await waiting == more
-        assert os.fstat(queue._file).st_size == sum(len(encode(m)) for m in more)
-        assert list(tmp_path.iterdir()) == [], "the file is not unlinked"
+        assert os.fstat(queues[0]._file).st_size == sum(len(encode(m)) for m in more)
+        assert list(tmp_path.iterdir()) == [], "a file is not unlinked"
     finally:
-        queue.close()
+        for queue in queues:
+            queue.close()
+        await reader.close()
 
 
-async def test_a_killed_reader_is_started_again(publisher: tuple[zmq.Socket, str]) -> None:
-    xpub, address = publisher
-    queue = Spool(address)
-    queue.start()
+async def test_a_killed_reader_is_started_again(publishers: list[tuple[zmq.Socket, str]]) -> None:
+    (xpub, address), _ = publishers
+    reader = SpoolReader()
+    queue = reader.spool(address)
+    queue.open()
     try:
         subscribed(xpub)
         before = messages(100, b"before")
         for frames in before:
             xpub.send_multipart(frames)
         assert await take_all(queue, len(before)) == before
-        first = queue.pid
+        first = reader.pid
         assert first is not None
         os.kill(first, signal.SIGKILL)
         await asyncio.wait_for(queue.more(), 10)  # sees the reader gone
@@ -119,50 +132,57 @@ async def test_a_killed_reader_is_started_again(publisher: tuple[zmq.Socket, str
         for frames in after:
             xpub.send_multipart(frames)
         await asyncio.wait_for(waiting, 10)
-        assert queue.pid != first
+        assert reader.pid not in (None, first)
         assert await take_all(queue, len(after)) == after
     finally:
         queue.close()
+        await reader.close()
 
 
-async def test_the_reader_exits_when_the_proxy_closes(publisher: tuple[zmq.Socket, str]) -> None:
-    xpub, address = publisher
-    queue = Spool(address)
-    queue.start()
+async def test_the_reader_exits_when_the_proxy_closes(
+    publishers: list[tuple[zmq.Socket, str]],
+) -> None:
+    (xpub, address), _ = publishers
+    reader = SpoolReader()
+    reader.spool(address).open()
     subscribed(xpub)
-    process = queue._process
+    process = reader._process
     assert process is not None
-    await asyncio.to_thread(queue.close)
+    await reader.close()
     assert process.returncode == 0
 
 
-def test_a_failing_disk_loses_nothing(publisher: tuple[zmq.Socket, str]) -> None:
+def test_a_failing_disk_loses_nothing(publishers: list[tuple[zmq.Socket, str]]) -> None:
     """Disk full: the reader keeps its batch, the rest waits in libzmq, and once writes succeed
-    again everything is in the file, in order. /dev/full stands in for the full disk; the same
-    descriptor is then pointed at a real file."""
-    xpub, address = publisher
-    file = os.open("/dev/full", os.O_WRONLY)
+    again everything is in the file, in order. /dev/full stands in for the full disk; the
+    reader's descriptor of it is then pointed at a real file."""
+    (xpub, address), _ = publishers
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    reader = threading.Thread(target=read_into, args=(address, file, theirs))
+    reader = threading.Thread(target=serve, args=(theirs,))
     reader.start()
+    full = os.open("/dev/full", os.O_WRONLY)
     try:
+        socket.send_fds(ours, [REQUEST.pack(OPEN, 1, 0, 0) + address.encode()], [full])
         subscribed(xpub)
+        (received,) = [
+            int(fd) for fd in os.listdir("/proc/self/fd")
+            if int(fd) != full and os.path.realpath(f"/proc/self/fd/{fd}") == "/dev/full"
+        ]  # fmt: skip
         sent = messages(3000, b"d")
         for frames in sent:
             xpub.send_multipart(frames)
         threading.Event().wait(1.5)  # at least one failed write and one retry
         with tempfile.TemporaryFile() as real:
-            os.dup2(real.fileno(), file)
+            os.dup2(real.fileno(), received)
             expected = b"".join(encode(frames) for frames in sent)
             for _ in range(100):
-                if os.fstat(file).st_size >= len(expected):
+                if os.fstat(real.fileno()).st_size >= len(expected):
                     break
                 threading.Event().wait(0.1)
-            assert os.pread(file, len(expected) + 1, 0) == expected
+            assert os.pread(real.fileno(), len(expected) + 1, 0) == expected
     finally:
         ours.close()  # the proxy is gone: the reader exits
         reader.join(10)
         theirs.close()
-        with contextlib.suppress(OSError):
-            os.close(file)
+        os.close(full)
     assert not reader.is_alive()
