@@ -15,7 +15,6 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-import nbformat
 from aiohttp import web
 
 from . import __version__, audit
@@ -85,7 +84,7 @@ class AuditApi:
         notebook = await self._read(lambda conn: audit.export_notebook(conn, query))
         name = (query.notebook or query.kernel or query.session or "export").rsplit("/", 1)[-1]
         return web.Response(
-            text=nbformat.writes(notebook),
+            text=audit.ipynb_text(notebook),
             content_type="application/x-ipynb+json",
             headers={"Content-Disposition": f'attachment; filename="{_safe(name)}.ipynb"'},
         )

@@ -14,11 +14,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
-
-import nbformat
+from typing import TYPE_CHECKING, Any
 
 from .fold import NotebookFold, join_text
+
+if TYPE_CHECKING:
+    from nbformat import NotebookNode
 
 _OUTPUT_TYPES = (
     "stream", "display_data", "update_display_data", "execute_result", "error", "clear_output",
@@ -417,10 +418,12 @@ def _output_lines(shown: dict[str, Any]) -> list[str]:
 # --- export --------------------------------------------------------------------------------------
 
 
-def export_notebook(conn: sqlite3.Connection, query: Filter) -> nbformat.NotebookNode:
+def export_notebook(conn: sqlite3.Connection, query: Filter) -> NotebookNode:
     """A notebook rebuilt from the log: a code cell per cell the executions ran in (an
     execution without a cell id is a cell of its own), in the order first run, each with the
     source, count and outputs of its last execution, folded as a frontend would show them."""
+    import nbformat  # here, not at the top: it costs every proxy ~20 MB and a second to start
+
     found = _execution_rows(conn, Filter(**{**asdict(query), "limit": None}))
     notebook = _fold(conn, found, _cell_key)
     last: dict[str, Execution] = {}
@@ -441,6 +444,13 @@ def export_notebook(conn: sqlite3.Connection, query: Filter) -> nbformat.Noteboo
         exported.metadata["language_info"] = language
     nbformat.validate(exported)
     return exported
+
+
+def ipynb_text(notebook: NotebookNode) -> str:
+    """An exported notebook as the text of an .ipynb file."""
+    import nbformat  # (see export_notebook)
+
+    return nbformat.writes(notebook)
 
 
 def _cell_key(execution: Execution) -> str:

@@ -15,7 +15,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import nbformat
 from traitlets import Bool, Enum, Integer, List, Unicode
 
 from . import audit
@@ -180,7 +179,7 @@ class ExportApp(AuditApp):
         notebook = audit.export_notebook(conn, self.query())
         if not notebook.cells:
             self.fail("no executions in the log match")
-        text = nbformat.writes(notebook)
+        text = audit.ipynb_text(notebook)
         if self.output:
             Path(self.output).write_text(text, encoding="utf-8")
             print(f"{self.output}: {len(notebook.cells)} cells", file=sys.stderr)
