@@ -10,6 +10,12 @@ import time
 import aiohttp
 import pytest
 
+from proxy.codecs import KERNEL_CHANNELS, message_from_parts
+from proxy.database import connect, open_database
+from proxy.relay import FROM_KERNEL, TO_KERNEL
+from proxy.taps.log import LogWriter
+from proxy.taps.replay import Replayer
+
 from .conftest import (
     JupyterServer,
     RunningProxy,
@@ -271,3 +277,41 @@ async def test_kill_9_and_restart_of_the_proxy_mid_cell(
     finally:
         process.kill()
         process.wait()
+
+
+async def test_a_cell_runs_until_both_its_reply_and_its_idle_are_logged(tmp_path) -> None:
+    """What a restarted proxy follows again: the reply can overtake the last outputs, so a
+    logged reply alone does not end a cell's execution; its idle status does, with the reply."""
+    db = tmp_path / "log.sqlite"
+    open_database(db).close()
+    writer = LogWriter(lambda: connect(db))
+    kernel_id = "k"
+
+    def logged(direction: str, channel: str, msg_type: str, parent: str, content: dict) -> str:
+        header = {"msg_id": secrets.token_hex(8), "msg_type": msg_type, "session": "s",
+                  "username": "u", "date": "2026-11-25T10:00:00Z", "version": "5.4"}  # fmt: skip
+        parent_header = {"msg_id": parent, "msg_type": "execute_request"} if parent else {}
+        metadata = {} if parent else {"cellId": "cell-1"}
+        parts = [json.dumps(part).encode() for part in (header, parent_header, metadata, content)]
+        message = message_from_parts(
+            channel, parts, allowed_channels=KERNEL_CHANNELS, validate_body=False
+        )
+        writer.message_relayed(writer.next_seq(), kernel_id, direction, message, None, time.time())
+        return header["msg_id"]
+
+    replayer = Replayer(writer, lambda: connect(db))
+    try:
+        request = logged(TO_KERNEL, "shell", "execute_request", "", {"code": "print(1)"})
+        logged(FROM_KERNEL, "iopub", "stream", request, {"name": "stdout", "text": "1\n"})
+        logged(FROM_KERNEL, "shell", "execute_reply", request, {"status": "ok"})
+        assert writer.flush()
+        running = (await replayer.remember(kernel_id)).unfinished
+        assert [(e.msg_id, e.cell_id, e.outputs) for e in running] == [
+            (request, "cell-1", [("stream", {"name": "stdout", "text": "1\n"})])
+        ]
+        logged(FROM_KERNEL, "iopub", "status", request, {"execution_state": "idle"})
+        assert writer.flush()
+        assert (await replayer.remember(kernel_id)).unfinished == []
+    finally:
+        replayer.close()
+        writer.close()

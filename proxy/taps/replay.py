@@ -74,8 +74,9 @@ WHERE kernel_id = :kernel AND msg_type = 'status'
 ORDER BY seq DESC
 LIMIT 1
 """
-# The latest execution of each notebook cell, if it is still running: no reply, and no restart
-# of the kernel since (a restarted kernel answers no earlier request).
+# The latest execution of each notebook cell, if it is still running: not both its reply and
+# its idle status (the reply can overtake the last outputs; idle follows them all), and no
+# restart of the kernel since (a restarted kernel answers no earlier request).
 _UNFINISHED_CELLS = """
 WITH cells AS (
     SELECT m.seq, m.msg_id, m.client_id, json_extract(m.metadata, '$.cellId') AS cell_id
@@ -90,9 +91,16 @@ SELECT cells.msg_id, cells.cell_id, cells.client_id, c.session_id
 FROM cells
 JOIN latest USING (cell_id, seq)
 LEFT JOIN clients AS c ON c.client_id = cells.client_id
-WHERE NOT EXISTS (
-        SELECT 1 FROM messages AS r
-        WHERE r.parent_msg_id = cells.msg_id AND r.msg_type = 'execute_reply'
+WHERE NOT (
+        EXISTS (
+            SELECT 1 FROM messages AS r
+            WHERE r.parent_msg_id = cells.msg_id AND r.msg_type = 'execute_reply'
+        )
+        AND EXISTS (
+            SELECT 1 FROM messages AS i
+            WHERE i.parent_msg_id = cells.msg_id AND i.msg_type = 'status'
+              AND json_extract(i.content, '$.execution_state') = 'idle'
+        )
     )
     AND NOT EXISTS (
         SELECT 1 FROM messages AS s
