@@ -105,7 +105,8 @@ async def watch(base: str, kernel_id: str, token: str, lines: int) -> tuple[floa
             {"code": code, "silent": False, "store_history": False, "user_expressions": {},
              "allow_stdin": False},
         )  # fmt: skip
-        seen, kernel_took, last = 0, 0.0, started
+        texts: list[str] = []
+        last = started
         reply = idle = False
         while not (reply and idle):
             try:
@@ -117,17 +118,14 @@ async def watch(base: str, kernel_id: str, token: str, lines: int) -> tuple[floa
             if message.parent_msg_id != msg_id:
                 continue
             if message.msg_type == "stream":
-                text = message.content()["text"]
-                if "kernel took" in text:
-                    kernel_took = float(text.split("kernel took")[1].split()[0])
-                    text = text.split("kernel took")[0]
-                seen += text.count("\n")
+                texts.append(message.content()["text"])
                 last = time.perf_counter()
             reply = reply or message.msg_type == "execute_reply"
             idle = idle or (
                 message.msg_type == "status" and message.content()["execution_state"] == "idle"
             )
-        return kernel_took, last - started, seen
+        printed, _, took = "".join(texts).partition("kernel took")  # (a write may split it)
+        return float(took.split()[0]) if took else 0.0, last - started, printed.count("\n")
     finally:
         await client.close()
 
