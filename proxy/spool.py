@@ -95,13 +95,24 @@ class SpoolReader:
         asyncio.get_running_loop().remove_reader(self._control.fileno())
         self._control.close()
         self._control = None
-        log.error("The iopub reader exited (%s); starting it again", self._process.wait())
+        code = self._process.wait()  # (at once: it closed its end as it exited)
+        log.error("The iopub reader exited (%s); it is started again as kernels need it", code)
         self._process = None
         for spool in self._spools.values():
             spool.reader_gone()
 
-    def request(self, kind: int, key: int, epoch: int = 0, offset: int = 0, *,
-              address: str = "", file: int | None = None) -> None:  # fmt: skip
+    def request(
+        self,
+        kind: int,
+        key: int,
+        epoch: int = 0,
+        offset: int = 0,
+        *,
+        address: str = "",
+        file: int | None = None,
+    ) -> None:
+        """Send a request (blocking, which never lasts: each kernel has at most one packet on
+        its way each way, so the socket pair's buffers never fill)."""
         if self._control is None:
             raise ConnectionError("the iopub reader is gone")
         packet = REQUEST.pack(kind, key, epoch, offset) + address.encode()
