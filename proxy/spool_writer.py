@@ -142,7 +142,7 @@ def serve(control: socket.socket) -> None:
         while True:
             for stream in streams.values():
                 poller.register(stream.socket, 0 if stream.unwritten else zmq.POLLIN)
-            poller.poll(1000 if any(s.unwritten for s in streams.values()) else None)
+            ready = dict(poller.poll(1000 if any(s.unwritten for s in streams.values()) else None))
             while (received := _next_request(control)) is not None:
                 request, fds = received
                 if not request:
@@ -157,7 +157,8 @@ def serve(control: socket.socket) -> None:
                     poller.register(stream.socket, 0)  # (0: no longer polled)
                     stream.close()
             for key, stream in streams.items():
-                stream.pump()
+                if stream.socket in ready or stream.unwritten:  # (not every idle kernel's)
+                    stream.pump()
                 if stream.wakes():
                     control.send(MORE.pack(key, stream.epoch))
     finally:
