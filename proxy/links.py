@@ -25,7 +25,7 @@ import aiohttp
 import zmq
 import zmq.asyncio
 from jupyter_client.asynchronous.client import AsyncKernelClient
-from jupyter_client.session import Session
+from jupyter_client.session import DELIM, Session
 from zmq.utils.monitor import parse_monitor_message
 
 from .codecs import (
@@ -200,12 +200,13 @@ class ZmqLink:
         self._held: list[Message] = []  # client messages sent before iopub and stdin were ready
         self._ready = False
         self._nudges: set[str] = set()
-        self.recent = RecentIds()
         # Until `joined`, iopub from zmq waits in `_early` while the presence relays what
-        # jupyter-server buffered; once the presence reaches zmq's first message, zmq goes on.
+        # jupyter-server buffered; once the presence reaches zmq's first message, zmq goes on
+        # (without what the presence relayed already: `_gap_filled`).
         self.joined = False
         self._early: list[Message] = []
         self._early_ids: set[str] = set()
+        self._gap_filled: set[str] = set()
         self.presence = _Presence(upstream, self, f"replay-proxy-{stable_id}")
 
     def _watched_stdin(
@@ -260,7 +261,7 @@ class ZmqLink:
         while not self._iopub_flowing.is_set() and loop.time() < deadline:
             request = self.session.msg("kernel_info_request")
             self._nudges.add(request["header"]["msg_id"])
-            self.session.send(self.sockets["shell"], request)
+            self._send("shell", self.session.serialize(request))
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._iopub_flowing.wait(), 0.25)
         if not self._iopub_flowing.is_set():
@@ -281,7 +282,10 @@ class ZmqLink:
                 frames = await socket.recv_multipart()
             except (zmq.ZMQError, asyncio.CancelledError):
                 return
-            self._receive(channel, frames)
+            try:
+                self._receive(channel, frames)
+            except Exception:  # a bug must not stop this kernel's replies for good
+                log.exception("Kernel %s: cannot relay a %s message", self.kernel_id, channel)
 
     async def _relay_iopub(self) -> None:
         """Relay what the iopub reader wrote, a slice at a time so other work runs between."""
@@ -316,8 +320,6 @@ class ZmqLink:
             if not self.joined:
                 self._hold_early(message)
                 return
-            if not self.recent.first_time(message.msg_id):
-                return
         elif message.parent_msg_id in self._nudges:
             self._nudges.discard(message.parent_msg_id)
             return
@@ -333,7 +335,8 @@ class ZmqLink:
         """Gap fill: what jupyter-server buffered for the presence while the proxy was down."""
         if message.msg_id in self._early_ids:
             self._join()  # the presence caught up with zmq: all before it has been relayed
-        elif self.recent.first_time(message.msg_id):
+        elif message.msg_id not in self._gap_filled:
+            self._gap_filled.add(message.msg_id)
             self.deliver(message)
 
     def _join(self) -> None:
@@ -341,8 +344,9 @@ class ZmqLink:
             return
         self.joined = True
         early, self._early, self._early_ids = self._early, [], set()
+        filled, self._gap_filled = self._gap_filled, set()
         for message in early:
-            if self.recent.first_time(message.msg_id):
+            if message.msg_id not in filled:
                 self.deliver(message)
 
     def resync(self) -> None:
@@ -360,7 +364,20 @@ class ZmqLink:
         if not self._ready:
             self._held.append(message)
             return
-        self.session.send_raw(self.sockets[message.channel], message.parts)
+        parts = message.parts
+        self._send(message.channel, [DELIM, self.session.sign(parts[:4]), *parts])
+
+    def _send(self, channel: str, frames: list[bytes]) -> None:
+        """Send through the asyncio socket itself. (jupyter_client's Session.send sends on a
+        blocking shadow of it, which can take the readable edge of the socket's descriptor from
+        under the pending receive: the kernel's replies then wait unread for good.)"""
+        sent = self.sockets[channel].send_multipart(frames)
+        if not sent.done():  # (only while libzmq's queue to the kernel is full)
+            sent.add_done_callback(self._sent)
+
+    def _sent(self, sent: asyncio.Future[Any]) -> None:
+        if not sent.cancelled() and sent.exception() is not None:
+            log.warning("Kernel %s: cannot send: %s", self.kernel_id, sent.exception())
 
     def set_clients_attached(self, count: int) -> None:
         """The presence is held for as long as the link, clients or not."""
