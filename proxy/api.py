@@ -63,7 +63,7 @@ class AuditApi:
     # --- handlers --------------------------------------------------------------------------
 
     async def openapi(self, request: web.Request) -> web.Response:
-        await self._authorize(request)
+        await self.authorize(request)
         return web.json_response(openapi_document(self.prefix))
 
     async def messages(self, request: web.Request) -> web.Response:
@@ -90,7 +90,7 @@ class AuditApi:
         )
 
     async def stats(self, request: web.Request) -> web.Response:
-        visible = await self._authorize(request)
+        visible = await self.authorize(request)
         if visible is not None:
             raise web.HTTPForbidden(
                 text=json.dumps({"message": "log figures cover every kernel: not for you"}),
@@ -100,7 +100,7 @@ class AuditApi:
 
     # --- helpers -----------------------------------------------------------------------------
 
-    async def _authorize(self, request: web.Request) -> frozenset[str] | None:
+    async def authorize(self, request: web.Request) -> frozenset[str] | None:
         """The kernels the caller may see (None: all), or the refusal jupyter-server gives."""
         status, listed = await self.upstream.readable_kernels(request)
         if status != 200 or listed is None:
@@ -112,7 +112,7 @@ class AuditApi:
     async def _filter(
         self, request: web.Request, *, with_message_filters: bool = False
     ) -> audit.Filter:
-        visible = await self._authorize(request)
+        visible = await self.authorize(request)
         q = request.query
         try:
             limit = int(q.get("limit", PAGE_DEFAULT))

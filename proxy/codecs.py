@@ -27,6 +27,10 @@ _U64 = struct.Struct("<Q")
 class FrameError(ValueError):
     """A websocket frame that is not a well-formed kernel message; the text is the close reason."""
 
+    def __init__(self, reason: str, *, too_big: bool = False) -> None:
+        super().__init__(reason)
+        self.too_big = too_big
+
 
 @dataclass(slots=True)
 class Message:
@@ -49,7 +53,8 @@ class Message:
 
     @property
     def parent_msg_id(self) -> str | None:
-        return self.parent_header.get("msg_id") or None
+        parent_id = self.parent_header.get("msg_id")
+        return parent_id if isinstance(parent_id, str) and parent_id else None
 
     @property
     def buffers(self) -> list[bytes]:
@@ -72,16 +77,69 @@ class Message:
         return frame
 
 
-def _json_object(raw: bytes, what: str) -> dict[str, Any]:
+#: Deepest nesting of arrays and objects a client's message may have. The kernel protocol's
+#: own messages are a few levels deep; widget state a dozen. Deeper JSON costs recursion in
+#: every reader (Python's json, SQLite's JSON functions stop at 1,000), so it stops here.
+MAX_JSON_DEPTH = 100
+#: Header fields that must be strings when present (the log binds them; routing reads them).
+HEADER_STRINGS = ("msg_id", "msg_type", "session", "username", "date", "version")
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _nesting_depth(value: Any) -> int:
+    """How deep arrays and objects nest in a parsed value, without recursing."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return deepest
+
+
+def parse_json(raw: bytes | str, what: str) -> Any:
+    """Strict JSON as SQLite's JSON functions read it too: UTF-8 only (no BOM, no UTF-16), no
+    NaN or Infinity, at most `MAX_JSON_DEPTH` deep. FrameError says what is wrong."""
     try:
-        value = json.loads(raw)
+        text = raw if isinstance(raw, str) else raw.decode("utf-8")
     except UnicodeDecodeError as error:
         raise FrameError(f"{what} is not valid UTF-8") from error
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise FrameError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels") from None
     except ValueError as error:
         raise FrameError(f"{what} is not valid JSON") from error
+    if _nesting_depth(value) > MAX_JSON_DEPTH:
+        raise FrameError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def _json_object(raw: bytes, what: str, *, strict: bool) -> dict[str, Any]:
+    if strict:
+        value = parse_json(raw, what)
+    else:  # the kernel's own output: its Session wrote it
+        try:
+            value = json.loads(raw)
+        except (ValueError, RecursionError) as error:
+            raise FrameError(f"{what} is not valid JSON") from error
     if not isinstance(value, dict):
         raise FrameError(f"{what} is not a JSON object")
     return value
+
+
+def _check_header_strings(header: dict[str, Any], what: str) -> None:
+    for name in HEADER_STRINGS:
+        if name in header and not isinstance(header[name], str):
+            raise FrameError(f"{what}.{name} is not a string")
 
 
 def message_from_parts(
@@ -89,20 +147,35 @@ def message_from_parts(
 ) -> Message:
     """Build a :class:`Message` from zmq-style frames, checking what routing relies on.
 
-    `validate_body` also checks metadata and content: worth it for what frontends send (small,
-    untrusted), not for the kernel's output stream.
+    `validate_body` checks everything a frontend's message must be (small, untrusted): all four
+    parts strict JSON objects, the header's and parent header's fields strings. The kernel's
+    output stream is checked only for what routing reads.
     """
-    if channel not in allowed_channels:
-        raise FrameError(f"unknown channel {channel!r}")
     if len(parts) < 4:
         raise FrameError(f"a message has at least 4 parts, got {len(parts)}")
-    header = _json_object(parts[0], "header")
+    header = _json_object(parts[0], "header", strict=validate_body)
+    parent_header = _json_object(parts[1], "parent_header", strict=validate_body)
+    if validate_body:
+        _json_object(parts[2], "metadata", strict=True)
+        _json_object(parts[3], "content", strict=True)
+    return _checked(channel, parts, header, parent_header, allowed_channels, validate_body)
+
+
+def _checked(
+    channel: str,
+    parts: list[bytes],
+    header: dict[str, Any],
+    parent_header: dict[str, Any],
+    allowed_channels: frozenset[str],
+    strict: bool,
+) -> Message:
+    if channel not in allowed_channels:
+        raise FrameError(f"unknown channel {channel!r}")
     if not isinstance(header.get("msg_id"), str) or not isinstance(header.get("msg_type"), str):
         raise FrameError("header lacks msg_id or msg_type")
-    parent_header = _json_object(parts[1], "parent_header")
-    if validate_body:
-        _json_object(parts[2], "metadata")
-        _json_object(parts[3], "content")
+    if strict:
+        _check_header_strings(header, "header")
+        _check_header_strings(parent_header, "parent_header")
     return Message(channel, parts, header, parent_header)
 
 
@@ -232,24 +305,20 @@ def _from_legacy_dict(
     channel = value.get("channel", "shell")  # jupyter-server assumes shell, so do we
     if not isinstance(channel, str):
         raise FrameError("legacy channel is not a string")
-    parts = []
+    objects = []
     for key in ("header", "parent_header", "metadata", "content"):
         part = value.get(key, {})
         if not isinstance(part, dict):
             raise FrameError(f"{key} is not a JSON object")
-        parts.append(json.dumps(part).encode())
-    return message_from_parts(
-        channel, [*parts, *buffers], allowed_channels=allowed_channels, validate_body=False
-    )
+        objects.append(part)
+    parts = [json.dumps(part).encode() for part in objects]
+    header, parent_header = objects[0], objects[1]
+    return _checked(channel, [*parts, *buffers], header, parent_header, allowed_channels, True)
 
 
 def decode_legacy_text(text: str, *, allowed_channels: frozenset[str] = CLIENT_CHANNELS) -> Message:
     """Decode a legacy JSON text frame."""
-    try:
-        value = json.loads(text)
-    except ValueError as error:
-        raise FrameError("legacy frame is not valid JSON") from error
-    return _from_legacy_dict(value, [], allowed_channels)
+    return _from_legacy_dict(parse_json(text, "legacy frame"), [], allowed_channels)
 
 
 def decode_legacy_binary(
@@ -266,17 +335,16 @@ def decode_legacy_binary(
     if offsets[0] != 4 * (count + 1) or any(b < a for a, b in itertools.pairwise(offsets)):
         raise FrameError("binary frame offsets are out of range")
     pieces = [frame[offsets[i] : offsets[i + 1]] for i in range(count)]
-    try:
-        value = json.loads(pieces[0])
-    except ValueError as error:  # includes UnicodeDecodeError
-        raise FrameError("binary frame's message is not valid JSON") from error
+    value = parse_json(pieces[0], "binary frame's message")
     return _from_legacy_dict(value, pieces[1:], allowed_channels)
 
 
 def decode_client_frame(protocol: str, frame: bytes | str, *, max_size: int) -> Message:
     """Decode what a frontend sent, in the protocol its websocket agreed on."""
     if len(frame) > max_size:
-        raise FrameError(f"frame of {len(frame)} bytes exceeds the limit of {max_size}")
+        raise FrameError(
+            f"frame of {len(frame)} bytes exceeds the limit of {max_size}", too_big=True
+        )
     if protocol == V1_SUBPROTOCOL:
         if isinstance(frame, str):
             raise FrameError("text frame on a v1 websocket")

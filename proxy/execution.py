@@ -29,7 +29,7 @@ from .api import json_error
 from .codecs import KERNEL_CHANNELS, Message, message_from_parts, readdressed
 from .relay import Client, Relay, Tap
 from .taps.yfold import OutputFolder
-from .upstream import Upstream, credential_headers
+from .upstream import Upstream, credential_headers, is_kernel_id
 from .yroom import CollaborationUnavailable
 
 log = logging.getLogger("jupyter_replay_proxy.execution")
@@ -178,6 +178,8 @@ class ServerExecutor(Tap):
     async def _authorize(self, request: web.Request, kernel_id: str) -> str | None:
         """Only who jupyter-server would let run code on the kernel (its channels), named as
         /api/me names them."""
+        if not is_kernel_id(kernel_id):
+            raise json_error(404, "not a kernel id")
         status = await self.upstream.admit(request, kernel_id)
         if status != 101:
             raise json_error(

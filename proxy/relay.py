@@ -35,6 +35,10 @@ TO_KERNEL = "to_kernel"
 FROM_KERNEL = "from_kernel"
 
 
+class RequestRefused(Exception):
+    """A client's message the relay does not pass on; the text says why."""
+
+
 class Tap:
     """Something that follows relay events. Called on the event loop: must not block."""
 
@@ -100,6 +104,9 @@ class Backlog(Protocol):
 
 #: A catch-up reads the log this many messages at a time, so a stalled client costs no more.
 CATCH_UP_CHUNK = 1000
+#: Requests remembered per kernel while they wait for a reply (the oldest forgotten first):
+#: a kernel leaves requests of types it does not know unanswered.
+MAX_PENDING_REQUESTS = 100_000
 #: Seconds between two stream frames to one client (a browser renders ~1,000 frames a second).
 STREAM_FRAME_INTERVAL = 0.005
 
@@ -332,8 +339,21 @@ class KernelRelay:
                 log.exception("%s failed on %s %s", type(tap).__name__, direction, message.msg_id)
 
     def from_client(self, client: Client, message: Message) -> None:
-        """A frontend's message: remember who asked, log it, send it to the kernel."""
+        """A frontend's message: remember who asked, log it, send it to the kernel.
+
+        Replies are routed by the request's msg_id, so a request reusing the msg_id of another
+        session's request still waiting for its reply is refused (it would take that reply).
+        """
         if message.channel != "stdin":  # stdin carries replies (input_reply), not requests
+            holder = self._requesters.get(message.msg_id)
+            if (
+                holder is not None
+                and holder is not client
+                and (client.session_id is None or holder.session_id != client.session_id)
+            ):
+                raise RequestRefused(f"msg_id {message.msg_id[:64]!r} is another client's")
+            if len(self._requesters) >= MAX_PENDING_REQUESTS:
+                del self._requesters[next(iter(self._requesters))]
             self._requesters[message.msg_id] = client
         elif message.msg_type == "input_reply":
             self.pending_input = None

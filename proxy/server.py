@@ -31,12 +31,12 @@ from .api import AuditApi
 from .codecs import LEGACY, V1_SUBPROTOCOL, FrameError, Message, decode_client_frame, with_seq
 from .execution import ServerExecutor
 from .links import WebsocketLink, ZmqLink, connection_file
-from .relay import Client, KernelRelay, Relay, Tap, in_background
+from .relay import Client, KernelRelay, Relay, RequestRefused, Tap, in_background
 from .spool import SpoolReader
 from .taps.log import LogWriter
-from .taps.replay import Replayer, parse_replay
+from .taps.replay import Replayer, channel_options
 from .taps.yfold import OutputFolder
-from .upstream import HOP_BY_HOP, Upstream, forwarded_headers, redact
+from .upstream import HOP_BY_HOP, Upstream, forwarded_headers, is_kernel_id, redact
 from .yroom import NotebookRoom, collaboration_problem
 
 log = logging.getLogger("jupyter_replay_proxy")
@@ -49,6 +49,7 @@ LABEXTENSION = "jupyter-replay-proxy"
 _LABEXTENSION = (Path(__file__).parent / "labextension" / "remoteEntry.js").read_bytes()
 
 CLOSE_MALFORMED = 1007  # RFC 6455: data inconsistent with the message type
+CLOSE_POLICY = 1008  # RFC 6455: a message that violates policy
 CLOSE_TOO_BIG = 1009
 _SEQ = struct.Struct("<Q")
 _RESTART = re.compile(r"api/kernels/([^/]+)/restart")
@@ -262,27 +263,32 @@ class ReplayProxy:
     # --- kernel channels -------------------------------------------------------------------
 
     async def channels(self, request: web.Request) -> web.StreamResponse:
-        kernel_id = request.match_info["kernel_id"]
         if request.headers.get("Upgrade", "").lower() != "websocket":
             return await self.forward(request)
-        try:
-            replay = parse_replay(request.query["replay"]) if "replay" in request.query else None
-        except ValueError as error:
-            return web.Response(status=400, text=str(error))
+        kernel_id = request.match_info["kernel_id"]
+        if not is_kernel_id(kernel_id):  # (aiohttp decodes %2F: "a/../b" is no kernel's)
+            return web.Response(status=404, text="not a kernel id")
+        # The caller's own credentials first: nobody jupyter-server does not know makes the
+        # proxy ask anything with its own token.
+        known, identity = await self.upstream.identity(request)
+        if known != 200:
+            return web.Response(status=known, text=f"jupyter-server refused: {known}")
         try:
             if kernel_id not in self.relay.kernels and await self.upstream.has_kernel(kernel_id):
-                # Link first: jupyter-server drops the buffer it kept for the link's session
-                # (the downtime of a restarted proxy) as soon as any other session connects,
-                # and the admission probe below is one.
+                # Link before the admission probe: jupyter-server drops the buffer it kept for
+                # the link's session (the downtime of a restarted proxy) as soon as any other
+                # session connects, and the probe is one.
                 await self.relay.kernel(kernel_id)
         except Exception as error:
             log.error("Kernel %s: cannot link to it: %s", kernel_id, error)
             return web.Response(status=502, text=f"cannot link to kernel {kernel_id}")
-        admitted, (_, identity) = await asyncio.gather(
-            self.upstream.admit(request, kernel_id), self.upstream.identity(request)
-        )
+        admitted = await self.upstream.admit(request, kernel_id)
         if admitted != 101:
             return web.Response(status=admitted, text=f"jupyter-server refused: {admitted}")
+        try:
+            session_id, replay = channel_options(request.query)
+        except ValueError as error:
+            return web.Response(status=400, text=str(error))
         relay = self.relay.kernels.get(kernel_id)
         if relay is None:
             return web.Response(status=502, text=f"cannot link to kernel {kernel_id}")
@@ -294,7 +300,7 @@ class ReplayProxy:
         client = Client(
             client_id=uuid.uuid4().hex,
             kernel_id=kernel_id,
-            session_id=request.query.get("session_id"),
+            session_id=session_id,
             protocol=ws.ws_protocol or LEGACY,
             username=(identity or {}).get("username"),
             identity_json=json.dumps(identity) if identity is not None else None,
@@ -335,23 +341,33 @@ class ReplayProxy:
                         client.protocol, frame.data, max_size=self.settings.max_frame_size
                     )
                 except FrameError as error:
-                    reason = str(error)
-                    log.warning("Client %s sent a bad frame: %s", client.client_id[:8], reason)
-                    code = CLOSE_TOO_BIG if "exceeds the limit" in reason else CLOSE_MALFORMED
-                    await ws.close(code=code, message=reason.encode()[:120])
+                    code = CLOSE_TOO_BIG if error.too_big else CLOSE_MALFORMED
+                    await self._refuse(client, ws, code, f"bad frame: {error}")
                     return
                 allowed = self.settings.allowed_message_types
                 if allowed and message.msg_type not in allowed:
                     log.warning('Received message of type "%s", which is not allowed. Ignoring.',
-                                message.msg_type)  # fmt: skip
+                                message.msg_type[:64])  # fmt: skip
                     continue
-                relay.from_client(client, message)
+                try:
+                    relay.from_client(client, message)
+                except RequestRefused as error:
+                    await self._refuse(client, ws, CLOSE_POLICY, str(error))
+                    return
             elif frame.type == aiohttp.WSMsgType.PING:
                 await ws.pong(frame.data)
             elif frame.type == aiohttp.WSMsgType.PONG and len(frame.data) == 8:
                 relay.confirm_delivery(client, _SEQ.unpack(frame.data)[0])
             elif frame.type == aiohttp.WSMsgType.ERROR:
                 log.warning("Client %s: %s", client.client_id[:8], ws.exception())
+
+    async def _refuse(
+        self, client: Client, ws: web.WebSocketResponse, code: int, reason: str
+    ) -> None:
+        """Close a client's websocket for what it sent, saying why (in at most 123 bytes,
+        the most a close frame carries)."""
+        log.warning("Client %s (%s): %s", client.client_id[:8], client.username, reason)
+        await ws.close(code=code, message=reason.encode()[:123].decode(errors="ignore").encode())
 
     async def _pump(self, client: Client, ws: web.WebSocketResponse) -> None:
         hidden = self.folder.hides_from(client) if self.folder is not None else None
@@ -374,18 +390,22 @@ class ReplayProxy:
     # --- the proxy's own endpoints ---------------------------------------------------------
 
     async def status(self, request: web.Request) -> web.Response:
-        code, _ = await self.upstream.identity(request)
-        if code != 200:
-            return web.json_response({"message": "Forbidden"}, status=code)
+        """The proxy's health, showing a caller only the kernels jupyter-server lets them
+        read; the figures that cover every kernel only to a caller who may read them all."""
+        visible = await self.audit.authorize(request)
+        relays = [
+            relay for kernel_id, relay in self.relay.kernels.items()
+            if visible is None or kernel_id in visible
+        ]  # fmt: skip
         kernels = [
             {
-                "id": kid,
+                "id": relay.kernel_id,
                 "link": relay.link.kind,
                 "clients": len(relay.clients),
                 # the most iopub bytes that waited on disk because the relay or the log fell behind
                 "spool_peak": relay.link.iopub.peak if isinstance(relay.link, ZmqLink) else 0,
             }
-            for kid, relay in self.relay.kernels.items()
+            for relay in relays
         ]
         clients = [
             {
@@ -393,22 +413,18 @@ class ReplayProxy:
                 "sent_seq": client.sent_seq, "confirmed_seq": client.confirmed_seq,
                 "behind": client.behind, "times_behind": client.times_behind,
             }
-            for relay in self.relay.kernels.values() for client in relay.clients.values()
+            for relay in relays for client in relay.clients.values()
         ]  # fmt: skip
-        return web.json_response(
-            {
-                "version": __version__,
-                "upstream": {"url": str(self.upstream), "error": self.upstream_error},
-                "kernels": kernels,
-                "clients": clients,
-                "log": asdict(self.writer.health()),
-                "outputs": {
-                    "enabled": self.folder is not None,
-                    "collaboration_error": self.collaboration_error,
-                    "rooms": sorted(self.folder.rooms) if self.folder else [],
-                },
+        status: dict[str, Any] = {"version": __version__, "kernels": kernels, "clients": clients}
+        if visible is None:
+            status["upstream"] = {"url": str(self.upstream), "error": self.upstream_error}
+            status["log"] = asdict(self.writer.health())
+            status["outputs"] = {
+                "enabled": self.folder is not None,
+                "collaboration_error": self.collaboration_error,
+                "rooms": sorted(self.folder.rooms) if self.folder else [],
             }
-        )
+        return web.json_response(status)
 
     # --- everything else -------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import secrets
 from typing import Any
 
 import aiohttp
@@ -30,12 +31,25 @@ HOP_BY_HOP = frozenset(
     }
 )  # fmt: skip
 
-_TOKEN = re.compile(r"(token=|[Aa]uthorization: *token +)[^&\s'\"]+")
+#: Credentials as they appear in URLs and request heads, raw or quoted in an exception's text
+#: (where a line end reads \r\n): a token parameter, an Authorization header, cookies.
+_TOKENS = re.compile(
+    r"""(token=|authorization:[ \t]*(?:token|bearer|basic)[ \t]+)(?:[^&\s'"\\]|\\(?![rn]))+""",
+    re.IGNORECASE,
+)
+_COOKIES = re.compile(r"""((?:set-)?cookie:[ \t]*)(?:[^\r\n'"\\]|\\(?![rn]))+""", re.IGNORECASE)
+#: jupyter-server's kernel ids as its URLs match them (``\w+-\w+-\w+-\w+-\w+`` on the raw path).
+_KERNEL_ID = re.compile(r"[0-9A-Za-z_]+(?:-[0-9A-Za-z_]+){4}")
 
 
 def redact(text: str) -> str:
-    """Hide tokens in anything that may end up in a log."""
-    return _TOKEN.sub(r"\1[secret]", text)
+    """Hide credentials in anything that may end up in a log."""
+    return _COOKIES.sub(r"\1[secret]", _TOKENS.sub(r"\1[secret]", text))
+
+
+def is_kernel_id(text: str) -> bool:
+    """Whether a URL segment can be a kernel id: one plain path segment, nothing to resolve."""
+    return len(text) <= 128 and _KERNEL_ID.fullmatch(text) is not None
 
 
 #: What describes a request's body: not for a probe the proxy makes without that body.
@@ -126,11 +140,13 @@ class Upstream:
     async def admit(self, request: web.Request, kernel_id: str) -> int:
         """What jupyter-server answers this client's own channels handshake for the kernel.
 
-        101 means admitted. The probe uses a session_id of its own so that it never takes
-        jupyter-server's buffer of the client's session, and closes at once.
+        101 means admitted. The probe uses a session_id of its own (jupyter-server makes it the
+        identity of its sockets to the kernel: one per probe, so that concurrent probes do not
+        replace each other) so that it never takes jupyter-server's buffer of the client's
+        session, and closes at once.
         """
         query = dict(request.query)
-        query["session_id"] = "replay-proxy-admission"
+        query["session_id"] = f"replay-proxy-admission-{secrets.token_hex(8)}"
         url = self.api(f"api/kernels/{kernel_id}/channels").with_query(query)
         try:
             ws = await self.http.ws_connect(url, headers=credential_headers(request.headers))

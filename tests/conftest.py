@@ -332,6 +332,7 @@ async def open_channels(
     protocol: str | None = V1_SUBPROTOCOL,
     session_id: str | None = None,
     replay: str | None = None,
+    autoping: bool = True,
 ) -> KernelChannels:
     http = aiohttp.ClientSession()
     query = {"session_id": session_id or secrets.token_hex(8)}
@@ -343,6 +344,7 @@ async def open_channels(
         ws = await http.ws_connect(
             f"{base_url}api/kernels/{kernel_id}/channels",
             params=query, protocols=(protocol,) if protocol else (), max_msg_size=0,
+            autoping=autoping,
         )  # fmt: skip
     except BaseException:
         await http.close()

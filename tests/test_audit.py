@@ -358,7 +358,7 @@ async def test_big_buffers_are_left_out_when_configured(
     assert [tuple(row) for row in rows] == [(0, 5, None), (1, 0, 5000)]
 
 
-async def test_jupyter_servers_authorizer_decides_who_reads_the_audit_trail(
+async def test_jupyter_servers_authorizer_decides_who_reads_the_audit_trail_and_status(
     aiohttp_server, tmp_path: Path
 ) -> None:
     """A deployment whose authorizer keeps guests away from kernels keeps them away from the
@@ -387,6 +387,13 @@ async def test_jupyter_servers_authorizer_decides_who_reads_the_audit_trail(
             async with http.get(url, headers={"X-Test-Role": "guest"}) as resp:
                 assert resp.status == 403
                 assert "for members only" not in await resp.text()
+            status = running.url + "replay-proxy/api/status"
+            async with http.get(status) as resp:
+                assert resp.status == 200
+                assert [k["id"] for k in (await resp.json())["kernels"]] == [kernel]
+            async with http.get(status, headers={"X-Test-Role": "guest"}) as resp:
+                assert resp.status == 403  # kernels and users are not the guest's to see
+                assert kernel not in await resp.text()
             guest_channels = running.url + f"api/kernels/{kernel}/channels"
             with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
                 await http.ws_connect(guest_channels, headers={"X-Test-Role": "guest"})

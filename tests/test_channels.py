@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import aiohttp
 import pytest
+from yarl import URL
 
 from proxy.codecs import V1_SUBPROTOCOL
+from proxy.upstream import is_kernel_id
 
-from .conftest import JupyterServer, RunningProxy, open_channels, stream_text
+from .conftest import JupyterServer, KernelChannels, RunningProxy, open_channels, stream_text
 
 PROTOCOLS = [V1_SUBPROTOCOL, None]
 
@@ -154,15 +157,38 @@ BAD_FRAMES = {
         [56, 61, 91, 93, 95, 97], b"iopub" + b'{"msg_id":"a","msg_type":"b"}' + b"{}{}{}"
     ),
     "text on v1": "{}",
+    "nested 50,000 deep": _v1(
+        [56, 61, 91, 93, 95, 100_101],
+        b"shell" + b'{"msg_id":"a","msg_type":"b"}' + b"{}{}" + b"[" * 50_000 + b"]" * 50_000,
+    ),
+}
+_HEADER = {"msg_id": "culprit-1", "msg_type": "kernel_info_request"}
+BAD_LEGACY_FRAMES = {
+    "parent msg_id an object": json.dumps(
+        {"header": _HEADER, "parent_header": {"msg_id": {"a": 1}}, "channel": "shell"}
+    ),
+    "header session a list": json.dumps({"header": {**_HEADER, "session": ["s"]}}),
+    "NaN in content": '{"header": {"msg_id": "a", "msg_type": "b"}, "content": {"x": NaN}}',
+    "nested 50,000 deep": '{"header": {"msg_id": "a", "msg_type": "b"}, "content": '
+    + '{"a":' * 50_000
+    + "1"
+    + "}" * 50_001,
+    "not JSON": "{",
 }
 
 
-@pytest.mark.parametrize("frame", BAD_FRAMES.values(), ids=BAD_FRAMES.keys())
+@pytest.mark.parametrize(
+    ("protocol", "frame"),
+    [*((V1_SUBPROTOCOL, frame) for frame in BAD_FRAMES.values()),
+     *((None, frame) for frame in BAD_LEGACY_FRAMES.values())],
+    ids=[*(f"v1: {name}" for name in BAD_FRAMES), *(f"legacy: {n}" for n in BAD_LEGACY_FRAMES)],
+)  # fmt: skip
 async def test_malformed_frames_close_only_that_client(
-    zmq_proxy: RunningProxy, jupyter_server: JupyterServer, kernel_id: str, frame: bytes | str
-) -> None:
+    zmq_proxy: RunningProxy, jupyter_server: JupyterServer, kernel_id: str,
+    protocol: str | None, frame: bytes | str, caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
     bystander = await open_channels(zmq_proxy.url, kernel_id, jupyter_server.token)
-    culprit = await open_channels(zmq_proxy.url, kernel_id, jupyter_server.token)
+    culprit = await open_channels(zmq_proxy.url, kernel_id, jupyter_server.token, protocol=protocol)
     try:
         if isinstance(frame, str):
             await culprit.ws.send_str(frame)
@@ -171,13 +197,42 @@ async def test_malformed_frames_close_only_that_client(
         closing = await culprit.closing()
         assert closing.data == 1007
         assert closing.extra  # a reason a person can read
-        _, _reply, iopub = await bystander.execute("print('still fine')")
+        msg_id, _reply, iopub = await bystander.execute("print('still fine')")
         assert stream_text(iopub) == "still fine\n"
     finally:
         await bystander.close()
         await culprit.close()
+    assert zmq_proxy.writer.flush(10)
     health = zmq_proxy.writer.health()
-    assert (health.ok and health.pending == 0) or zmq_proxy.writer.flush()
+    assert (health.ok, health.set_aside, health.pending) == (True, 0, 0)
+    logged = zmq_proxy.db().execute("SELECT count(*) FROM messages WHERE parent_msg_id = ?",
+                                    (msg_id,)).fetchone()[0]  # fmt: skip
+    assert logged >= 5  # its reply and iopub: the log goes on
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []  # no tracebacks
+
+
+async def test_replies_keep_coming_under_a_burst_of_requests_from_several_clients(
+    zmq_proxy: RunningProxy, jupyter_server: JupyterServer, kernel_id: str
+) -> None:
+    """Sending on the kernel link's sockets while replies arrive could take the readable edge
+    of the socket from under its pending receive: replies then waited unread for good, for
+    every client of the kernel (found by fuzzing; jupyter_client's Session.send sends on a
+    blocking shadow of the asyncio socket)."""
+    clients = [await open_channels(zmq_proxy.url, kernel_id, jupyter_server.token)
+               for _ in range(4)]  # fmt: skip
+
+    async def burst(client: KernelChannels) -> None:
+        waiting = {await client.send("shell", "kernel_info_request", {}) for _ in range(300)}
+        while waiting:
+            message = await client.recv(timeout=10)
+            if message.channel == "shell":
+                waiting.discard(message.parent_msg_id)
+
+    try:
+        await asyncio.gather(*map(burst, clients))
+    finally:
+        for client in clients:
+            await client.close()
 
 
 async def test_oversized_frame_is_refused(
@@ -282,3 +337,60 @@ async def test_disallowed_message_types_are_dropped_like_jupyter_server_does(
         assert message.parent_msg_id == info_id  # no execute_reply came first: it never ran
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize(
+    "replay",
+    ["since:99999999999999999999999999", "since:-1", "since:\u00b2", "last:0",
+     "last:100000000", "parent:", "bogus"],
+)  # fmt: skip
+async def test_replay_is_validated_after_admission_with_bounds(
+    zmq_proxy: RunningProxy, jupyter_server: JupyterServer, kernel_id: str, replay: str
+) -> None:
+    anonymous = f"{zmq_proxy.url}api/kernels/{kernel_id}/channels"
+    async with aiohttp.ClientSession() as http:
+        for token, status in ((None, 403), (jupyter_server.token, 400)):
+            params = {"replay": replay, **({"token": token} if token else {})}
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await http.ws_connect(anonymous, params=params)
+            assert refused.value.status == status, refused.value.message
+
+
+async def test_an_overlong_session_id_is_refused(
+    zmq_proxy: RunningProxy, jupyter_server: JupyterServer, kernel_id: str
+) -> None:
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await open_channels(zmq_proxy.url, kernel_id, jupyter_server.token, session_id="s" * 256)
+    assert refused.value.status == 400
+
+
+async def test_kernel_ids_are_plain_path_segments(
+    zmq_proxy: RunningProxy, jupyter_server: JupyterServer, kernel_id: str
+) -> None:
+    """aiohttp decodes %2F in a path segment: "x/../../contents/f" once reached the contents
+    API with the proxy's own token (an anonymous caller learned which files exist) and linked
+    a phantom kernel; "A/../B" logged kernel B's messages under that id."""
+    (jupyter_server.root_dir / "upstream.log").write_text("secret file")
+    traversal = "x%2F..%2F..%2Fcontents%2Fupstream.log"
+    async with aiohttp.ClientSession() as http:
+        for path, token, status in (
+            (traversal, None, 404), ("no-such%2F..%2Ffile", None, 404),
+            (f"A%2F..%2F{kernel_id}", jupyter_server.token, 404),
+            ("00000000-0000-0000-0000-000000000000", None, 403),  # a well-formed id: 403
+        ):  # fmt: skip
+            url = URL(f"{zmq_proxy.url}api/kernels/{path}/channels", encoded=True)
+            if token:
+                url = url.update_query(token=token)
+            started = time.monotonic()
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await http.ws_connect(url)
+            assert (refused.value.status, path) == (status, path)
+            assert time.monotonic() - started < 2
+    assert all(is_kernel_id(k) for k in zmq_proxy.proxy.relay.kernels)  # no phantom kernel
+    client = await open_channels(zmq_proxy.url, kernel_id, jupyter_server.token)
+    try:
+        await client.execute("pass")
+    finally:
+        await client.close()
+    kernels = {row[0] for row in zmq_proxy.db().execute("SELECT kernel_id FROM messages")}
+    assert kernel_id in kernels and all(is_kernel_id(k) for k in kernels)

@@ -7,7 +7,7 @@ import json
 import struct
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from jupyter_server.services.kernels.connection.base import (
     deserialize_binary_message,
@@ -17,6 +17,7 @@ from jupyter_server.services.kernels.connection.base import (
 )
 
 from proxy.codecs import (
+    HEADER_STRINGS,
     KERNEL_CHANNELS,
     V1_SUBPROTOCOL,
     FrameError,
@@ -30,6 +31,8 @@ from proxy.codecs import (
     message_from_parts,
     readdressed,
 )
+
+from .frames import INVALID, VALID, Frame, frames
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(),
@@ -163,3 +166,91 @@ def test_readdressed_changes_only_the_requester_and_adds_metadata(
     assert json.loads(decoded.parts[2]) == {**json.loads(message.parts[2]), **extra}
     assert decoded.parts[0] == message.parts[0] and decoded.parts[3:] == message.parts[3:]
     assert json.loads(message.parts[1]) == message.parent_header  # the original is untouched
+
+
+@settings(max_examples=400, deadline=None)
+@given(frames())
+def test_every_generated_frame_gets_the_verdict_it_should(frame: Frame) -> None:
+    """The fuzz generator's frames, straight through the decoder: a valid frame decodes, an
+    invalid one is a FrameError, and whatever decodes is what the relay and the log rely on."""
+    try:
+        message = decode_client_frame(frame.protocol, frame.data, max_size=1 << 20)
+    except FrameError as error:
+        assert frame.expect != VALID, f"{frame.kind}: {error}"
+        assert str(error)
+        return
+    assert frame.expect != INVALID, frame.kind
+    assert message.channel in ("shell", "control", "stdin")
+    for field in HEADER_STRINGS:
+        for header in (message.header, message.parent_header):
+            assert isinstance(header.get(field, ""), str)
+    for part in message.parts[:4]:  # strict JSON objects, as SQLite's JSON functions read them
+        assert isinstance(json.loads(part.decode("utf-8"), parse_constant=_no_constant), dict)
+
+
+def _no_constant(name: str) -> None:
+    raise AssertionError(f"{name} in a relayed message")
+
+
+@pytest.mark.parametrize("protocol", [V1_SUBPROTOCOL, "legacy"])
+@pytest.mark.parametrize("opener", ["[", '{"a":'])
+def test_json_nested_50000_deep_is_a_frame_error(protocol: str, opener: str) -> None:
+    closer = "]" if opener == "[" else "}"
+    deep = opener * 50_000 + "1" + closer * 50_000
+    header = '{"msg_id": "m", "msg_type": "kernel_info_request"}'
+    if protocol == V1_SUBPROTOCOL:
+        frame: bytes | str = _raw_v1("shell", [header, "{}", "{}", '{"x": ' + deep + "}"])
+    else:
+        frame = f'{{"header": {header}, "content": {{"x": {deep}}}, "channel": "shell"}}'
+    with pytest.raises(FrameError, match="nested deeper than 100 levels"):
+        decode_client_frame(protocol, frame, max_size=1 << 20)
+
+
+def _raw_v1(channel: str, parts: list[str | bytes]) -> bytes:
+    pieces = [channel.encode(), *(p.encode() if isinstance(p, str) else p for p in parts)]
+    offsets = [8 * (len(pieces) + 2)]
+    for piece in pieces:
+        offsets.append(offsets[-1] + len(piece))
+    return struct.pack(f"<{len(offsets) + 1}Q", len(offsets), *offsets) + b"".join(pieces)
+
+
+_HEADER = '{"msg_id": "m", "msg_type": "kernel_info_request"}'
+
+
+@pytest.mark.parametrize(
+    ("parts", "reason"),
+    [
+        ([_HEADER, "{}", "{}", '{"x": NaN}'], "content is not valid JSON"),
+        ([_HEADER, "{}", '{"x": -Infinity}', "{}"], "metadata is not valid JSON"),
+        ([_HEADER, "{}", "{}", b"\xef\xbb\xbf{}"], "content is not valid JSON"),
+        ([_HEADER, "{}", "{}", "{}".encode("utf-16")], "content is not valid UTF-8"),
+        ([_HEADER, '{"msg_id": {"a": 1}}', "{}", "{}"], "parent_header.msg_id is not a string"),
+        (['{"msg_id": "m", "msg_type": "x", "session": 1}', "{}", "{}", "{}"],
+         "header.session is not a string"),
+        (['{"msg_id": "m", "msg_type": "x", "date": null}', "{}", "{}", "{}"],
+         "header.date is not a string"),
+        ([_HEADER, "{}", "{}", '{"n": ' + "9" * 5000 + "}"], "content is not valid JSON"),
+    ],
+)  # fmt: skip
+def test_what_json_or_the_log_cannot_take_is_a_frame_error(
+    parts: list[str | bytes], reason: str
+) -> None:
+    with pytest.raises(FrameError, match=reason):
+        decode_client_frame(V1_SUBPROTOCOL, _raw_v1("shell", parts), max_size=1 << 20)
+
+
+def test_a_legacy_parent_msg_id_object_is_a_frame_error() -> None:
+    frame = json.dumps(
+        {"header": {"msg_id": "m", "msg_type": "x"}, "parent_header": {"msg_id": {"a": 1}}}
+    )
+    with pytest.raises(FrameError, match=r"parent_header\.msg_id is not a string"):
+        decode_client_frame("legacy", frame, max_size=1 << 20)
+
+
+def test_a_kernels_odd_parent_msg_id_routes_as_none() -> None:
+    """The kernel's own messages are not checked field by field; routing reads what it can."""
+    message = message_from_parts(
+        "iopub", [b'{"msg_id":"a","msg_type":"status"}', b'{"msg_id": ["x"]}', b"{}", b"{}"],
+        allowed_channels=KERNEL_CHANNELS, validate_body=False,
+    )  # fmt: skip
+    assert message.parent_msg_id is None

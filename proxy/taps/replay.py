@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -128,18 +129,40 @@ class ReplayRequest:
     parent: str | None = None
 
 
+#: Sequence numbers are SQLite integers.
+MAX_SEQ = 2**63 - 1
+#: jupyter-server makes a websocket's session_id the zmq identity of its sockets: at most 255
+#: bytes. The proxy keeps each session's position under it.
+MAX_SESSION_ID = 255
+MAX_REPLAY_LAST = 10_000_000
+_NUMBER = re.compile(r"[0-9]{1,19}")
+
+
 def parse_replay(value: str) -> ReplayRequest:
     """``all``, ``since:<seq>``, ``last:<n>`` or ``parent:<msg_id>``; ValueError otherwise."""
     kind, _, argument = value.partition(":")
     if kind == "all" and not argument:
         return ReplayRequest()
-    if kind == "since" and argument.isdigit():
+    if kind == "since" and _NUMBER.fullmatch(argument) and int(argument) <= MAX_SEQ:
         return ReplayRequest(after=int(argument))
-    if kind == "last" and argument.isdigit() and int(argument) > 0:
+    if kind == "last" and _NUMBER.fullmatch(argument) and 0 < int(argument) <= MAX_REPLAY_LAST:
         return ReplayRequest(last=int(argument))
-    if kind == "parent" and argument:
+    if kind == "parent" and 0 < len(argument) <= MAX_SESSION_ID:
         return ReplayRequest(parent=argument)
-    raise ValueError(f"replay must be all, since:<seq>, last:<n> or parent:<msg_id>, not {value!r}")
+    raise ValueError(
+        f"replay must be all, since:<seq> (seq < 2^63), last:<n> (n <= {MAX_REPLAY_LAST:,}) "
+        f"or parent:<msg_id>, not {value[:80]!r}"
+    )
+
+
+def channel_options(query: Mapping[str, str]) -> tuple[str | None, ReplayRequest | None]:
+    """The session_id and replay request of a channels URL (ValueError if out of bounds).
+    An empty session_id is no session, as in jupyter-server."""
+    session_id = query.get("session_id") or None
+    if session_id is not None and len(session_id.encode()) > MAX_SESSION_ID:
+        raise ValueError(f"session_id is longer than {MAX_SESSION_ID} bytes")
+    replay = parse_replay(query["replay"]) if "replay" in query else None
+    return session_id, replay
 
 
 def _message(row: tuple[Any, ...], buffers: list[bytes]) -> Message:
