@@ -186,3 +186,68 @@ def test_migrations_ship_inside_the_wheel(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     for migration in migrations_dir().glob("*.sql"):
         assert f"proxy/migrations/{migration.name}" in names
+
+
+def message_with_header(i: int, **fields: object):  # type: ignore[no-untyped-def]
+    header = {"msg_id": f"m{i}", "msg_type": "stream", **fields}
+    parts = [json.dumps(header).encode(), json.dumps({"msg_id": {"a": 1}}).encode(), b"{}", b"{}"]
+    return message_from_parts("iopub", parts, allowed_channels=KERNEL_CHANNELS, validate_body=False)
+
+
+def test_header_fields_of_any_type_are_logged_as_text(tmp_path: Path) -> None:
+    """A kernel's header field that is not a string (any code in the kernel can publish one)
+    once stopped every later write: "Error binding parameter: type 'dict' is not supported"."""
+    path = tmp_path / "log.sqlite"
+    open_database(path).close()
+    writer = LogWriter(lambda: connect(path))
+    odd = {"session": {"a": 1}, "username": ["x"], "date": 7}
+    writer.message_relayed(writer.next_seq(), "k", FROM_KERNEL, message_with_header(0, **odd),
+                           None, 0.0)  # fmt: skip
+    writer.message_relayed(writer.next_seq(), "k", FROM_KERNEL, stream_message(1), None, 0.0)
+    assert writer.flush(5)
+    health = writer.health()
+    writer.close()
+    assert (health.ok, health.written, health.set_aside) == (True, 2, 0)
+    rows = sqlite3.connect(path).execute(
+        "SELECT msg_id, parent_msg_id, session, username, msg_date FROM messages ORDER BY seq"
+    )
+    assert rows.fetchall() == [
+        ("m0", '{"a": 1}', '{"a": 1}', '["x"]', "7"),
+        ("m1", "parent", "s", "u", None),
+    ]
+
+
+def test_a_row_the_database_refuses_is_set_aside_and_the_rest_is_written(tmp_path: Path) -> None:
+    """One row that breaks a constraint (here a sequence number the log already holds) is
+    kept in set_aside, counted; the rows around it, before and after, are written."""
+    path = tmp_path / "log.sqlite"
+    open_database(path).close()
+    writer = LogWriter(lambda: connect(path))
+    writer.message_relayed(writer.next_seq(), "k", FROM_KERNEL, stream_message(0), None, 0.0)
+    assert writer.flush(5)
+    writer.message_relayed(writer.next_seq(), "k", FROM_KERNEL, stream_message(1), None, 0.0)
+    writer.message_relayed(1, "k", FROM_KERNEL, stream_message(2, (b"buffer",)), None, 0.0)
+    writer.message_relayed(writer.next_seq(), "k", FROM_KERNEL, stream_message(3), None, 0.0)
+    assert writer.flush(5)
+    writer.message_relayed(writer.next_seq(), "k", FROM_KERNEL, stream_message(4), None, 0.0)
+    assert writer.flush(5)
+    health, durable = writer.health(), writer.durable_seq
+    writer.close()
+    assert (health.ok, health.written, health.set_aside, health.pending) == (True, 4, 1, 0)
+    assert "IntegrityError" in (health.last_set_aside or "")
+    assert durable == 4
+    conn = sqlite3.connect(path)
+    assert [r[0] for r in conn.execute("SELECT msg_id FROM messages ORDER BY seq")] == [
+        "m0", "m1", "m3", "m4",
+    ]  # fmt: skip
+    kind, seq, reason, row = conn.execute("SELECT kind, seq, reason, row FROM set_aside").fetchone()
+    assert (kind, seq) == ("message", 1) and "UNIQUE" in reason and "line 2" in row
+    assert conn.execute("SELECT count(*) FROM message_buffers").fetchone()[0] == 0
+
+
+def test_redaction_of_json_too_deep_to_walk_falls_back_to_text(tmp_path: Path) -> None:
+    from proxy.taps.log import Redactor
+
+    deep = '{"a": ' * 5000 + '"password=hunter2"' + "}" * 5000
+    redacted = Redactor([r"password=\w+"])(deep)
+    assert "hunter2" not in redacted and redacted.startswith('{"a": {"a": ')

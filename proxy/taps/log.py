@@ -48,6 +48,9 @@ INSERT INTO clients (
 ) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
 """
 _CLIENT_LEFT = "UPDATE clients SET disconnected_at = ? WHERE client_id = ?"
+_SET_ASIDE = """
+INSERT INTO set_aside (set_aside_at, kind, seq, kernel_id, reason, row) VALUES (?, ?, ?, ?, ?, ?)
+"""
 _DELIVERED = """
 INSERT INTO deliveries (kernel_id, session_id, seq, updated_at) VALUES (?, ?, ?, ?)
 ON CONFLICT (kernel_id, session_id)
@@ -95,10 +98,10 @@ class Redactor:
             return text  # without escapes the JSON text holds its strings as they are
         try:
             value = json.loads(text)
-        except ValueError:
+            redacted = self._strings(value)
+            return text if redacted == value else json.dumps(redacted, ensure_ascii=False)
+        except (ValueError, RecursionError):  # not JSON, or too deep to walk: as text
             return pattern.sub(REDACTED, text)
-        redacted = self._strings(value)
-        return text if redacted == value else json.dumps(redacted, ensure_ascii=False)
 
     def _strings(self, value: Any) -> Any:
         if isinstance(value, str):
@@ -120,6 +123,8 @@ class LogHealth:
     written: int
     pending: int
     dropped: int
+    set_aside: int  # rows the database refused, kept in its set_aside table
+    last_set_aside: str | None
 
 
 class LogWriter(Tap):
@@ -157,6 +162,8 @@ class LogWriter(Tap):
         self.error: str | None = None
         self.written = 0
         self.dropped = 0
+        self.set_aside = 0
+        self.last_set_aside: str | None = None
         self._next_seq = 1
         self._open()
         self._thread = threading.Thread(target=self._run, name="replay-proxy-log", daemon=True)
@@ -253,6 +260,8 @@ class LogWriter(Tap):
             written=self.written,
             pending=len(self._pending) + len(self._unwritten),
             dropped=self.dropped,
+            set_aside=self.set_aside,
+            last_set_aside=self.last_set_aside,
         )
 
     def flush(self, timeout: float = 10.0) -> bool:
@@ -302,7 +311,13 @@ class LogWriter(Tap):
             while self._pending or self._unwritten:
                 if self._conn is None:
                     self._open()
-                if self._conn is None or not self._write_batch():
+                try:
+                    written = self._conn is not None and self._write_batch()
+                except Exception as error:  # a bug here must not end the log: retried
+                    log.exception("The log writer failed")
+                    self._fail(error)
+                    written = False
+                if not written:
                     self._stop.wait(self.retry_interval)
                     break
 
@@ -311,58 +326,12 @@ class LogWriter(Tap):
         pending = self._pending
         self._unwritten.extend(pending.popleft() for _ in range(len(pending)))
         batch = self._unwritten
-        messages, buffers, clients, left, delivered, notebooks = [], [], [], [], [], []
-        redact, limit = self._redact, self.max_buffer_size
-        for kind, item in batch:
-            if kind == "m":
-                (
-                    seq, kernel_id, direction, channel, parts, msg_id, parent_id, msg_type,
-                    session, username, date, client_id, received_at,
-                ) = item  # fmt: skip
-                messages.append(
-                    (
-                        seq, kernel_id, channel, direction, msg_id, parent_id, msg_type, session,
-                        username, client_id, date, _iso(received_at), _text(parts[0]),
-                        _text(parts[1]), redact(_text(parts[2])), redact(_text(parts[3])),
-                        len(parts) - 4,
-                    )
-                )  # fmt: skip
-                buffers.extend(
-                    (seq, i, b"", len(b)) if limit is not None and len(b) > limit
-                    else (seq, i, bytes(b), None)
-                    for i, b in enumerate(parts[4:])
-                )  # fmt: skip
-            elif kind == "c":
-                clients.append(
-                    (
-                        item.client_id, item.kernel_id, item.session_id, item.username,
-                        item.identity_json, item.protocol, item.remote, _iso(item.connected_at),
-                    )
-                )  # fmt: skip
-            elif kind == "l":
-                client_id, at = item
-                left.append((_iso(at), client_id))
-            elif kind == "n":
-                kernel_id, path, session_type, at = item
-                notebooks.append((kernel_id, path, session_type, _iso(at), _iso(at)))
-            else:
-                kernel_id, session_id, seq, at = item
-                delivered.append((kernel_id, session_id, seq, _iso(at)))
+        rows, unbuildable = self._rows(batch)
         try:
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.executemany(_INSERT_CLIENT, clients)
-                conn.executemany(_INSERT_MESSAGE, messages)
-                conn.executemany(_INSERT_BUFFER, buffers)
-                conn.executemany(_CLIENT_LEFT, left)
-                conn.executemany(_DELIVERED, delivered)
-                conn.executemany(_NOTEBOOK_SEEN, notebooks)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:  # SQLite already rolled back after e.g. SQLITE_FULL
-                    conn.execute("ROLLBACK")
-                raise
+                refused = self._commit(rows, unbuildable, one_by_one=False)
+            except _ROW_ERRORS:  # a row SQLite will not take: the rest goes in without it
+                refused = self._commit(rows, unbuildable, one_by_one=True)
         except sqlite3.Error as error:
             self._fail(error)
             if isinstance(error, sqlite3.DatabaseError) and "malformed" in str(error):
@@ -370,9 +339,12 @@ class LogWriter(Tap):
                 self._conn = None
             return False
         self._unwritten = []
-        self.written += len(messages)
-        if messages:
-            self.durable_seq = messages[-1][0]
+        self._note_set_aside(refused)
+        refused_messages = sum(1 for (kind, _, _, _), _ in refused if kind == "message")
+        self.written += len(rows["message"]) - refused_messages
+        last = next((item[0] for kind, item in reversed(batch) if kind == "m"), None)
+        if last is not None:  # written or set aside: nobody waits for it any more
+            self.durable_seq = last
             self._tell_waiters()
         if self.error is not None:
             log.info("The message log is writable again; %d rows caught up", len(batch))
@@ -381,3 +353,141 @@ class LogWriter(Tap):
             self._committed += len(batch)
             self._committed_changed.notify_all()
         return True
+
+    def _rows(self, batch: list[tuple[str, Any]]) -> tuple[_Rows, list[_Refused]]:
+        """The rows of each statement, each with where it came from (for setting it aside);
+        and what could not even be made a row."""
+        rows: _Rows = {name: [] for name, _ in _STATEMENTS}
+        unbuildable: list[_Refused] = []
+        redact, limit = self._redact, self.max_buffer_size
+        for kind, item in batch:
+            try:
+                if kind == "m":
+                    (
+                        seq, kernel_id, direction, channel, parts, msg_id, parent_id, msg_type,
+                        session, username, date, client_id, received_at,
+                    ) = item  # fmt: skip
+                    origin = ("message", seq, kernel_id, item)
+                    message = (
+                        seq, kernel_id, channel, direction, _string(msg_id), _string(parent_id),
+                        _string(msg_type), _string(session), _string(username), client_id,
+                        _string(date), _iso(received_at), _text(parts[0]), _text(parts[1]),
+                        redact(_text(parts[2])), redact(_text(parts[3])), len(parts) - 4,
+                    )  # fmt: skip
+                    buffers = [
+                        (seq, i, b"", len(b)) if limit is not None and len(b) > limit
+                        else (seq, i, bytes(b), None)
+                        for i, b in enumerate(parts[4:])
+                    ]  # fmt: skip
+                    rows["message"].append((message, origin))
+                    rows["buffer"] += [(b, ("buffer", seq, kernel_id, b)) for b in buffers]
+                elif kind == "c":
+                    client = (
+                        item.client_id, item.kernel_id, _string(item.session_id),
+                        _string(item.username), item.identity_json, item.protocol,
+                        _string(item.remote), _iso(item.connected_at),
+                    )  # fmt: skip
+                    rows["client"].append((client, ("client", None, item.kernel_id, client)))
+                elif kind == "l":
+                    client_id, at = item
+                    rows["client_left"].append(
+                        ((_iso(at), client_id), ("client_left", None, None, item))
+                    )
+                elif kind == "n":
+                    kernel_id, path, session_type, at = item
+                    notebook = (kernel_id, path, _string(session_type), _iso(at), _iso(at))
+                    rows["notebook"].append((notebook, ("notebook", None, kernel_id, item)))
+                else:
+                    kernel_id, session_id, seq, at = item
+                    delivery = (kernel_id, session_id, seq, _iso(at))
+                    rows["delivery"].append((delivery, ("delivery", None, kernel_id, item)))
+            except Exception as error:  # any value the writer cannot shape into a row
+                unbuildable.append(((kind, None, None, item), error))
+        return rows, unbuildable
+
+    def _commit(
+        self, rows: _Rows, unbuildable: list[_Refused], *, one_by_one: bool
+    ) -> list[_Refused]:
+        """Write the rows in one transaction; what was refused goes to `set_aside`. With
+        `one_by_one`, each row is written on its own and a refused row does not stop the
+        rest (nor are a refused message's buffers written)."""
+        assert self._conn is not None
+        conn = self._conn
+        refused = list(unbuildable)
+        refused_messages: set[int] = set()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for name, statement in _STATEMENTS:
+                if not one_by_one:
+                    conn.executemany(statement, [row for row, _ in rows[name]])
+                    continue
+                for row, origin in rows[name]:
+                    if name == "buffer" and row[0] in refused_messages:
+                        continue
+                    try:
+                        conn.execute(statement, row)
+                    except _ROW_ERRORS as error:
+                        refused.append((origin, error))
+                        if name == "message":
+                            refused_messages.add(row[0])
+            for (kind, seq, kernel_id, row), error in refused:
+                with contextlib.suppress(*_ROW_ERRORS):  # then it is only counted
+                    conn.execute(
+                        _SET_ASIDE,
+                        (_iso(time.time()), kind, seq, _string(kernel_id),
+                         f"{type(error).__name__}: {error}", _as_json(row)),
+                    )  # fmt: skip
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:  # SQLite already rolled back after e.g. SQLITE_FULL
+                conn.execute("ROLLBACK")
+            raise
+        return refused
+
+    def _note_set_aside(self, refused: list[_Refused]) -> None:
+        for (kind, seq, kernel_id, _), error in refused:
+            self.set_aside += 1
+            self.last_set_aside = f"{kind} {seq or ''}: {type(error).__name__}: {error}"
+            log.error(
+                "Log row set aside (%s %s of kernel %s): %s: %s",
+                kind, seq or "", kernel_id, type(error).__name__, error,
+            )  # fmt: skip
+
+
+#: The statements of a batch in the order they run: clients before the messages naming them,
+#: messages before their buffers.
+_STATEMENTS = (
+    ("client", _INSERT_CLIENT), ("message", _INSERT_MESSAGE), ("buffer", _INSERT_BUFFER),
+    ("client_left", _CLIENT_LEFT), ("delivery", _DELIVERED), ("notebook", _NOTEBOOK_SEEN),
+)  # fmt: skip
+#: What the sqlite3 module raises for one row it cannot write (not for a database that
+#: cannot be written: that is an OperationalError or a DatabaseError, and the batch waits).
+_ROW_ERRORS = (
+    sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError, sqlite3.DataError,
+    OverflowError, TypeError, ValueError,
+)  # fmt: skip
+_Origin = tuple[str, Any, Any, Any]  # kind, seq, kernel_id, the row or item
+_Refused = tuple[_Origin, BaseException]
+_Rows = dict[str, list[tuple[tuple[Any, ...], _Origin]]]
+
+
+def _string(value: Any) -> str | None:
+    """A header field as the log keeps it: text (a value of another type as its JSON)."""
+    if value is None or isinstance(value, str):
+        return value
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        return f"<{type(value).__name__}>"
+
+
+def _as_json(row: Any) -> str:
+    def plain(value: Any) -> Any:
+        if isinstance(value, bytes | bytearray | memoryview):
+            return bytes(value).decode("utf-8", "replace")
+        return repr(value)
+
+    try:
+        return json.dumps(row, default=plain)
+    except (TypeError, ValueError, RecursionError):
+        return json.dumps(repr(row)[:100_000])
