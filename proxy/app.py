@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import re
 import secrets
@@ -37,6 +36,7 @@ from .database import (
     migrate,
     open_database,
 )
+from .logs import route_to
 from .retention import Policy, parse_size
 from .server import AccessLogger, ProxySettings, ReplayProxy
 from .taps.log import LogWriter, Redactor
@@ -213,9 +213,7 @@ class ProxyApp(DatabaseApp):
 
     async def run_proxy(self, upstream: Upstream, stop: asyncio.Event, lab_url: str = "") -> None:
         """Serve until `stop` is set; the log is flushed before returning."""
-        modules = logging.getLogger("jupyter_replay_proxy")  # the proxy's modules log as the app
-        modules.handlers, modules.propagate = self.log.handlers, False
-        modules.setLevel(self.log_level)
+        route_to(self.log.handlers, self.log_level)
         session_id = uuid.uuid4().hex
         try:
             conn = open_database(self.db)

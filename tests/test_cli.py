@@ -131,3 +131,40 @@ def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode != 0
     assert "carrier-pigeon" in result.stderr
+
+
+async def test_serve_masks_credentials_in_every_log_line(
+    jupyter_server: JupyterServer, tmp_path: Path
+) -> None:
+    """Also in what aiohttp logs of a request it cannot parse: that is one line, no traceback."""
+    port = free_port()
+    env = {**_env(tmp_path), "JUPYTER_TOKEN": jupyter_server.token}
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "proxy", "serve", f"--upstream={jupyter_server.url}",
+            f"--port={port}", f"--db={tmp_path / 'log.sqlite'}",
+        ],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    secret = jupyter_server.token
+    try:
+        seen: list[str] = []
+        await asyncio.to_thread(_read_until, process, r"Proxying", seen)
+        for head in (
+            f"GET /api/status HTTP/1.1\nHost: x\nAuthorization: token {secret}\n\n",
+            f"GET /api/status?token={secret} HTTP/1.1\r\nCookie: a=1; t={secret}\r\nX: \0\r\n\r\n",
+            f"GET /nowhere?token={secret} HTTP/1.1\r\nHost: x\r\n\r\n",
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(head.encode())
+            await reader.read(100)
+            writer.close()
+    finally:
+        process.send_signal(signal.SIGINT)
+        output, _ = await asyncio.to_thread(process.communicate, timeout=30)
+    output = "".join(seen) + output
+    assert process.returncode == 0, output
+    assert secret not in output
+    assert "Traceback" not in output
+    assert output.count("Bad HTTP request from 127.0.0.1") == 2, output
+    assert "token=[secret]" in output  # the third, a well-formed request, in the access log
