@@ -18,17 +18,21 @@ import socket
 import sqlite3
 import sys
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any, NamedTuple, NoReturn
 
 import aiohttp
 from aiohttp import web
 from jupyter_core.application import JupyterApp
 from jupyter_core.paths import jupyter_runtime_dir
 from traitlets import Bool, Enum, Float, Integer, List, Unicode, default
+from traitlets.config.loader import KVArgParseConfigLoader, _KVArgParser
 
 from . import __version__
 from .audit import parse_duration
 from .database import (
+    DatabasePathError,
     NewerSchemaError,
     SchemaError,
     available_migrations,
@@ -41,6 +45,69 @@ from .retention import Policy, parse_size
 from .server import AccessLogger, ProxySettings, ReplayProxy
 from .taps.log import LogWriter, Redactor
 from .upstream import Upstream, redact
+
+
+class Prepared(NamedTuple):
+    """What a proxy command sets up before it starts anything (see ProxyApp.prepare)."""
+
+    listener: socket.socket
+    session_id: str  # of the websocket link, kept in the log
+    redactor: Redactor
+    retention: Policy
+
+
+class CommandError(Exception):
+    """What was asked cannot be done. The text says what is wrong and what to do; the command
+    prints it as one line (no traceback) and exits with `status`."""
+
+    def __init__(self, message: str, status: int = 2) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _ArgumentParser(_KVArgParser):
+    known: frozenset[str] = frozenset()  # the command's aliases and flags
+
+    def error(self, message: str) -> NoReturn:
+        # traitlets takes any --name for an option with a value: one without is unknown
+        option = re.match(r"argument -+(?:\w+\.)?([\w-]+): expected one argument", message)
+        if option and option[1] not in self.known and "." not in option[0]:
+            raise CommandError(f"unknown option --{option[1]} (see --help)")
+        if option:
+            raise CommandError(f"option --{option[1]} needs a value (see --help)")
+        raise CommandError(f"{message} (see --help)")
+
+
+class _StrictArguments(KVArgParseConfigLoader):
+    parser_class = _ArgumentParser
+
+    def _create_parser(self) -> None:
+        super()._create_parser()
+        self.parser.known = frozenset([*self.aliases, *self.flags])
+
+    def _handle_unrecognized_alias(self, arg: str) -> None:
+        raise CommandError(f"unknown option --{arg} (see --help)")
+
+
+class StrictApp(JupyterApp):
+    """A Jupyter application whose unknown options and arguments are errors, not warnings: a
+    mistyped --port must not start a server on the default port and database."""
+
+    def _create_loader(
+        self, argv: Any, aliases: Any, flags: Any, classes: Any
+    ) -> KVArgParseConfigLoader:
+        return _StrictArguments(
+            argv, aliases, flags, classes=classes, log=self.log, subcommands=self.subcommands
+        )
+
+    def parse_command_line(self, argv: Any = None) -> None:
+        super().parse_command_line(argv)
+        if self.extra_args and self.subapp is None:
+            self.unexpected(self.extra_args[0])
+
+    def unexpected(self, argument: str) -> None:
+        raise CommandError(f"unexpected argument {argument!r} (see --help)")
+
 
 _common_aliases = {
     "ip": "ProxyApp.ip",
@@ -58,6 +125,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def runtime_info_path(pid: int) -> Path:
+    return Path(jupyter_runtime_dir()) / f"replay-proxy-{pid}.json"
+
+
 def proxy_state(conn, key: str, make: str) -> str:  # type: ignore[no-untyped-def]
     """A durable fact of the proxy, created on first use (e.g. its websocket session_id)."""
     row = conn.execute("SELECT value FROM proxy_state WHERE key = ?", (key,)).fetchone()
@@ -67,7 +138,7 @@ def proxy_state(conn, key: str, make: str) -> str:  # type: ignore[no-untyped-de
     return make
 
 
-class DatabaseApp(JupyterApp):
+class DatabaseApp(StrictApp):
     """What every command shares: the log database."""
 
     version = __version__
@@ -211,20 +282,11 @@ class ProxyApp(DatabaseApp):
             handoff_grace=self.handoff_grace,
         )
 
-    async def run_proxy(self, upstream: Upstream, stop: asyncio.Event, lab_url: str = "") -> None:
-        """Serve until `stop` is set; the log is flushed before returning."""
+    def prepare(self) -> Prepared:
+        """What can go wrong before anything is started, checked first: the port (bound now:
+        a port in use is one clear line, not a traceback after JupyterLab came up), the log
+        database, the redaction and retention options."""
         route_to(self.log.handlers, self.log_level)
-        session_id = uuid.uuid4().hex
-        try:
-            conn = open_database(self.db)
-        except NewerSchemaError as error:
-            self.log.critical("%s", error)
-            sys.exit(2)
-        except SchemaError as error:  # corrupt or unreadable: relay anyway, report, retry
-            self.log.error("%s; relaying without a log until it is writable", error)
-        else:
-            session_id = proxy_state(conn, "websocket_link_session_id", session_id)
-            conn.close()
         try:
             redactor = Redactor(self.redact_patterns)
             retention = Policy(
@@ -232,16 +294,55 @@ class ProxyApp(DatabaseApp):
                 parse_size(self.retention_max_size) if self.retention_max_size else None,
                 self.retention_interval,
             )
-        except (re.error, ValueError) as error:
-            self.log.critical("Bad configuration: %s", error)
-            sys.exit(2)
+        except ValueError as error:
+            raise CommandError(f"bad configuration: {error}") from None
+        session_id = uuid.uuid4().hex
+        try:
+            conn = open_database(self.db)
+        except (NewerSchemaError, DatabasePathError) as error:
+            raise CommandError(f"{error}; choose another --db") from None
+        except SchemaError as error:  # corrupt or unreadable: relay anyway, report, retry
+            self.log.error("%s; relaying without a log until it is writable", error)
+        else:
+            session_id = proxy_state(conn, "websocket_link_session_id", session_id)
+            conn.close()
+        return Prepared(self._listen(), session_id, redactor, retention)
+
+    def _listen(self) -> socket.socket:
+        try:
+            family, kind, protocol, _, address = socket.getaddrinfo(
+                self.ip or None, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
+            listener = socket.socket(family, kind, protocol)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(address)
+            listener.listen(128)
+        except OSError as error:
+            raise CommandError(
+                f"cannot listen on {self.ip}:{self.port}: {error.strerror or error}; "
+                "choose another --port (or --ip)"
+            ) from None
+        listener.setblocking(False)
+        return listener
+
+    async def run_proxy(
+        self,
+        upstream: Upstream,
+        stop: asyncio.Event,
+        prepared: Prepared,
+        lab_url: str = "",
+        before_stopping: Callable[[ReplayProxy], Awaitable[None]] | None = None,
+    ) -> None:
+        """Serve until `stop` is set, then run `before_stopping` (while the proxy still logs);
+        the log is flushed before returning."""
         writer = LogWriter(
             lambda: open_database(self.db),
             flush_interval=self.log_flush_interval,
-            redactor=redactor,
+            redactor=prepared.redactor,
             max_buffer_size=self.log_max_buffer_size or None,
         )
-        proxy = ReplayProxy(upstream, writer, self.settings(session_id), lambda: connect(self.db))
+        settings = self.settings(prepared.session_id)
+        proxy = ReplayProxy(upstream, writer, settings, lambda: connect(self.db))
         runner = web.AppRunner(
             proxy.make_app(),
             access_log_class=AccessLogger,
@@ -249,8 +350,8 @@ class ProxyApp(DatabaseApp):
             handle_signals=False,
         )
         await runner.setup()
-        site = web.TCPSite(runner, self.ip, self.port)
-        await site.start()
+        await web.SockSite(runner, prepared.listener).start()
+        info = self._write_runtime_info(upstream)
         self.log.info("Message log: %s", self.db)
         self.log.info(
             "Proxying %s at http://%s:%d%s", upstream, self.ip, self.port, upstream.base_url
@@ -258,18 +359,37 @@ class ProxyApp(DatabaseApp):
         if lab_url:
             print(f"\n    JupyterLab, through jupyter-replay-proxy:\n    {lab_url}\n", flush=True)
         retaining = None
-        if retention.active:
+        if prepared.retention.active:
             retaining = asyncio.ensure_future(
-                retention.apply_periodically(lambda: connect(self.db))
+                prepared.retention.apply_periodically(lambda: connect(self.db))
             )
         try:
             await stop.wait()
         finally:
+            if before_stopping is not None:
+                await before_stopping(proxy)
             self.log.info("Shutting down the proxy")
+            info.unlink(missing_ok=True)
             if retaining is not None:
                 retaining.cancel()
             await runner.cleanup()
             writer.close()
+
+    def _write_runtime_info(self, upstream: Upstream) -> Path:
+        """Where `jupyter-replay-proxy status` finds this proxy: a file in the Jupyter runtime
+        dir, private to its user (it holds the token, as jupyter-server's jpserver-*.json)."""
+        host = self.ip if self.ip not in ("", "0.0.0.0", "::") else "127.0.0.1"
+        info = {
+            "url": f"http://{host}:{self.port}{upstream.base_url}",
+            "token": upstream.token or "",
+            "db": str(Path(self.db).resolve()),
+            "pid": os.getpid(),
+        }
+        path = runtime_info_path(os.getpid())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600), "w") as file:
+            json.dump(info, file)
+        return path
 
     def _stop_event(self) -> asyncio.Event:
         stop = asyncio.Event()
@@ -284,10 +404,12 @@ class ServeApp(ProxyApp):
     description = "Put the proxy in front of a running jupyter-server."
     aliases = {
         **_common_aliases,
+        "port": "ServeApp.port",
         "upstream": "ServeApp.upstream",
         "upstream-token": "ServeApp.upstream_token",
     }
 
+    port = Integer(8889, config=True, help="Port the proxy listens on.")
     upstream = Unicode(
         "http://127.0.0.1:8888/", config=True, help="URL (with base URL) of the jupyter-server."
     )
@@ -297,10 +419,11 @@ class ServeApp(ProxyApp):
         help="The proxy's own token for jupyter-server (default: $JUPYTER_TOKEN, else the "
         "token in the server's jpserver-*.json when it runs on this machine).",
     )
-
-    @default("port")
-    def _default_port(self) -> int:
-        return 8889
+    upstream_wait = Float(
+        60.0,
+        config=True,
+        help="Seconds to wait at start for a jupyter-server that does not answer yet.",
+    )
 
     def discover_token(self) -> str:
         if self.upstream_token:
@@ -317,16 +440,64 @@ class ServeApp(ProxyApp):
         return ""
 
     def start(self) -> None:
+        prepared = self.prepare()
         try:
             upstream = Upstream(self.upstream, self.discover_token())
         except ValueError as error:
-            self.log.critical("%s", error)
-            sys.exit(2)
+            raise CommandError(str(error)) from None
 
         async def main() -> None:
-            await self.run_proxy(upstream, self._stop_event())
+            stop = self._stop_event()
+            if await self._upstream_ready(upstream, stop):
+                await self.run_proxy(upstream, stop, prepared)
 
         asyncio.run(main())
+
+    async def _upstream_ready(self, upstream: Upstream, stop: asyncio.Event) -> bool:
+        """Whether jupyter-server answers the proxy's token (False: stopped while waiting).
+        A server not up yet is waited for (`upstream_wait` seconds), saying so; a token it
+        refuses is an error: the proxy would follow no kernel and log nothing."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.upstream_wait
+        said = False
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+            while not stop.is_set():
+                try:
+                    url, headers = upstream.api("api/kernels"), upstream.own_headers()
+                    async with http.get(url, headers=headers) as resp:
+                        status = resp.status
+                except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+                    if loop.time() > deadline:
+                        raise CommandError(
+                            f"jupyter-server at {upstream} did not answer within "
+                            f"{self.upstream_wait:.0f} s ({error or type(error).__name__}): "
+                            "is it running? (--upstream)",
+                            status=1,
+                        ) from None
+                    if not said:
+                        self.log.warning("Waiting for jupyter-server at %s to answer", upstream)
+                        said = True
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(stop.wait(), 0.5)
+                    continue
+                if status == 200:
+                    return True
+                if status in (401, 403):
+                    raise CommandError(
+                        f"jupyter-server at {upstream} refused the proxy's token ({status}): "
+                        "give the server's token with --upstream-token or $JUPYTER_TOKEN"
+                    )
+                raise CommandError(
+                    f"{upstream} answered {status} for api/kernels: is it a jupyter-server? "
+                    "(--upstream, with the server's base URL)"
+                )
+        return False
+
+
+#: jupyter_server_ydoc stops its Y websocket server at shutdown even when it never started, and
+#: asyncio reports the RuntimeError of that task as never retrieved (jupyter-collaboration#546).
+_UNRETRIEVED = "Task exception was never retrieved"
+_YDOC_STOP = "RuntimeError: WebsocketServer not running"
 
 
 class LabApp(ProxyApp):
@@ -361,22 +532,68 @@ class LabApp(ProxyApp):
         )  # fmt: skip
 
     async def _echo(self, process: asyncio.subprocess.Process) -> None:
+        """JupyterLab's output, tokens masked, without one known traceback (below)."""
         assert process.stdout is not None
-        async for line in process.stdout:
-            sys.stderr.write("[lab] " + redact(line.decode(errors="replace")))
+        held: list[str] = []
+        async for raw in process.stdout:
+            line = redact(raw.decode(errors="replace"))
+            if held and line.startswith(_YDOC_STOP):
+                held.clear()  # a server whose Y websocket server never ran, stopping
+                continue
+            if line.startswith(_UNRETRIEVED) or (held and line.startswith(("future:", " ", "Tr"))):
+                held.append(line)
+                continue
+            for waiting in [*held, line]:
+                sys.stderr.write("[lab] " + waiting)
+            held.clear()
+        for waiting in held:
+            sys.stderr.write("[lab] " + waiting)
 
-    async def _wait_ready(self, process: asyncio.subprocess.Process, url: str, token: str) -> None:
+    async def _stop_kernels(self, proxy: ReplayProxy, url: str, token: str) -> None:
+        """Interrupt running cells and shut the kernels down through jupyter-server while
+        the proxy still logs: their last outputs are in the log, and no kernel is stopped in
+        the middle of a reply (a traceback from ipykernel). Whether a cell still runs is the
+        relay's to say: jupyter-server's own execution_state also follows its nudges."""
+        timeout = aiohttp.ClientTimeout(total=15)
+        headers = {"Authorization": f"token {token}"}
+        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            async with aiohttp.ClientSession(headers=headers, timeout=timeout) as http:
+                async with http.get(url + "api/kernels") as resp:
+                    kernels = [kernel["id"] for kernel in await resp.json()]
+                for kernel_id in kernels:
+                    # once: a second SIGINT would cut short the traceback the first one prints
+                    if proxy.kernel_running(kernel_id):
+                        self.log.info("Interrupting the cell running on kernel %s", kernel_id)
+                        async with http.post(url + f"api/kernels/{kernel_id}/interrupt"):
+                            pass
+                for _ in range(50):  # at most 5 s for interrupted cells to end
+                    if not any(proxy.kernel_running(kernel_id) for kernel_id in kernels):
+                        break
+                    await asyncio.sleep(0.1)
+                self.log.info("Shutting down %d kernel(s)", len(kernels))
+                for kernel_id in kernels:
+                    async with http.delete(url + f"api/kernels/{kernel_id}"):
+                        pass
+
+    async def _wait_ready(
+        self, process: asyncio.subprocess.Process, url: str, token: str, stop: asyncio.Event
+    ) -> bool:
+        """Whether JupyterLab came up (False: stopped meanwhile)."""
         async with aiohttp.ClientSession() as http:
             for _ in range(600):
+                if stop.is_set():
+                    return False
                 if process.returncode is not None:
-                    raise RuntimeError(f"jupyter lab exited with {process.returncode}")
+                    raise CommandError(
+                        f"jupyter lab exited with {process.returncode} (see its output above)", 1
+                    )
                 with contextlib.suppress(aiohttp.ClientError):
                     headers = {"Authorization": f"token {token}"}
                     async with http.get(url + "api/status", headers=headers) as resp:
                         if resp.status == 200:
-                            return
+                            return True
                 await asyncio.sleep(0.1)
-        raise RuntimeError("jupyter lab did not start within 60 s")
+        raise CommandError("jupyter lab did not start within 60 s (see its output above)", 1)
 
     async def _stop_lab(self, process: asyncio.subprocess.Process) -> None:
         if process.returncode is not None:
@@ -390,6 +607,8 @@ class LabApp(ProxyApp):
             await process.wait()
 
     def start(self) -> None:
+        prepared = self.prepare()  # before JupyterLab is spawned: a port in use stops here
+
         async def main() -> None:
             stop = self._stop_event()
             port, token = _free_port(), secrets.token_hex(24)
@@ -397,7 +616,8 @@ class LabApp(ProxyApp):
             process = await self._spawn_lab(port, token)
             echo = asyncio.ensure_future(self._echo(process))
             try:
-                await self._wait_ready(process, upstream_url, token)
+                if not await self._wait_ready(process, upstream_url, token, stop):
+                    return
                 exited = asyncio.ensure_future(process.wait())
                 exited.add_done_callback(lambda _: stop.set())
                 lab_url = f"http://{self.ip}:{self.port}/lab?token={token}"
@@ -405,16 +625,15 @@ class LabApp(ProxyApp):
                     import webbrowser
 
                     webbrowser.open(lab_url)
-                await self.run_proxy(Upstream(upstream_url, token), stop, lab_url)
+                await self.run_proxy(
+                    Upstream(upstream_url, token), stop, prepared, lab_url,
+                    before_stopping=lambda proxy: self._stop_kernels(proxy, upstream_url, token),
+                )  # fmt: skip
             finally:
                 await self._stop_lab(process)
                 echo.cancel()
 
-        try:
-            asyncio.run(main())
-        except RuntimeError as error:
-            self.log.critical("%s", error)
-            sys.exit(1)
+        asyncio.run(main())
 
 
 class MigrateApp(ProxyApp):
@@ -426,8 +645,7 @@ class MigrateApp(ProxyApp):
             conn = connect(self.db)
             applied = migrate(conn)
         except (SchemaError, sqlite3.DatabaseError) as error:
-            self.log.critical("%s", error)
-            sys.exit(2)
+            raise CommandError(str(error)) from None
         latest = max((m.version for m in available_migrations()), default=0)
         if applied:
             print(f"{self.db}: applied migrations {', '.join(map(str, applied))}")
@@ -435,7 +653,7 @@ class MigrateApp(ProxyApp):
             print(f"{self.db}: up to date at schema version {latest}")
 
 
-class ReplayProxyApp(JupyterApp):
+class ReplayProxyApp(StrictApp):
     name = "jupyter-replay-proxy"
     version = __version__
     description = (
@@ -454,13 +672,25 @@ class ReplayProxyApp(JupyterApp):
         "export": ("proxy.audit_app.ExportApp", "Rebuild a notebook (.ipynb) from the log."),
         "stats": ("proxy.audit_app.StatsApp", "Figures about the log."),
         "prune": ("proxy.audit_app.PruneApp", "Delete the oldest part of the log."),
+        "status": ("proxy.status_app.StatusApp", "The health of a running proxy."),
     }
+
+    def unexpected(self, argument: str) -> None:
+        commands = ", ".join(self.subcommands)
+        raise CommandError(f"unknown command {argument!r}; the commands are {commands}")
 
     def start(self) -> None:
         super().start()
         self.print_help()
-        sys.exit(1)
+        raise CommandError("which command? (see above)")
 
 
 def main() -> None:
-    ReplayProxyApp.launch_instance()
+    """The command line: a user's mistake is one line on stderr and a non-zero exit."""
+    try:
+        ReplayProxyApp.launch_instance()
+    except CommandError as error:
+        print(f"jupyter-replay-proxy: {error}", file=sys.stderr)
+        sys.exit(error.status)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -16,7 +16,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .fold import NotebookFold, join_text
+from .fold import NotebookFold, join_text, stdin_echo
+from .upstream import is_placeholder_path
 
 if TYPE_CHECKING:
     from nbformat import NotebookNode
@@ -306,6 +307,24 @@ def _fold(
         events.extend(
             (seq, by_msg_id[parent], kind, content) for seq, parent, kind, content in rows
         )
+        answers = conn.execute(
+            f"""
+            SELECT reply.seq, prompt.parent_msg_id, prompt.content, reply.content
+            FROM messages AS prompt
+            JOIN messages AS reply
+                ON reply.parent_msg_id = prompt.msg_id AND reply.msg_type = 'input_reply'
+            WHERE prompt.parent_msg_id IN ({", ".join("?" * len(chunk))})
+                AND prompt.msg_type = 'input_request'
+            """,
+            chunk,
+        )
+        for seq, parent, request, reply in answers:  # as the frontend echoes them
+            asked, answered = _json(request), _json(reply)
+            echo = stdin_echo(
+                asked if isinstance(asked, dict) else {},
+                answered if isinstance(answered, dict) else {},
+            )
+            events.append((seq, by_msg_id[parent], "stream", json.dumps(echo)))
     events.sort(key=lambda event: event[0])
     latest: dict[str, str] = {}  # cell → msg_id of the execution that owns it
     for _seq, execution, msg_type, content in events:
@@ -508,9 +527,15 @@ def stats(conn: sqlite3.Connection, path: Path | None = None) -> dict[str, Any]:
             "SELECT COUNT(DISTINCT username) FROM clients WHERE username IS NOT NULL"
         ).fetchone()[0],
         "clients": conn.execute("SELECT COUNT(*) FROM clients").fetchone()[0],
-        "notebooks": conn.execute("SELECT COUNT(DISTINCT path) FROM kernel_notebooks").fetchone()[
-            0
-        ],
+        "notebooks": len(
+            {
+                path
+                for (path,) in conn.execute(
+                    "SELECT DISTINCT path FROM kernel_notebooks WHERE session_type = 'notebook'"
+                )
+                if not is_placeholder_path(path)  # (logged by proxies before 0.2)
+            }
+        ),
         "oldest": oldest,
         "newest": newest,
         "first_seq": first,

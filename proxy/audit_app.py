@@ -13,12 +13,12 @@ import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from traitlets import Bool, Enum, Integer, List, Unicode
 
 from . import audit
-from .app import DatabaseApp
+from .app import CommandError, DatabaseApp
 from .database import SchemaError, open_database
 from .retention import Pruner, parse_size
 
@@ -60,9 +60,8 @@ class AuditApp(DatabaseApp):
         conn.row_factory = None
         return conn
 
-    def fail(self, message: str) -> None:
-        self.log.critical("%s", message)
-        sys.exit(2)
+    def fail(self, message: str) -> NoReturn:
+        raise CommandError(message)
 
     def query(self) -> audit.Filter:
         try:
@@ -75,7 +74,6 @@ class AuditApp(DatabaseApp):
             )  # fmt: skip
         except audit.QueryError as error:
             self.fail(str(error))
-            raise
 
 
 class LogApp(AuditApp):
@@ -86,6 +84,7 @@ class LogApp(AuditApp):
         "msg-type": "LogApp.msg_types",
         "channel": "LogApp.channels",
         "parent": "LogApp.parent_msg_id",
+        "format": "LogApp.format",
     }
     flags = {"follow": ({"LogApp": {"follow": True}}, "Keep printing messages as they come.")}
 
@@ -147,6 +146,7 @@ class TranscriptApp(AuditApp):
         "One entry per execution: who ran what code, where, when, how it ended, what came out."
     )
     format = Enum(["text", "json", "markdown"], "text", config=True, help="Output format.")
+    aliases = {**_filter_aliases, "format": "TranscriptApp.format"}
 
     def start(self) -> None:
         conn = self.open()
@@ -197,6 +197,9 @@ class StatsApp(AuditApp):
         if self.format == "json":
             print(json.dumps(figures))
             return
+        if figures["messages"] == 0:
+            print(f"{self.db}: the log is empty")
+            return
         for name, value in figures.items():
             shown = f"{value:,}" if isinstance(value, int) else value
             print(f"{name.replace('_', ' '):<16} {shown}")
@@ -225,7 +228,6 @@ class PruneApp(AuditApp):
             max_size = parse_size(self.max_size) if self.max_size else None
         except ValueError as error:
             self.fail(str(error))
-            raise
         conn = self.open()
         shown = [0.0]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,24 +91,42 @@ def _reject_constant(name: str) -> None:
 
 
 def _nesting_depth(value: Any) -> int:
-    """How deep arrays and objects nest in a parsed value, without recursing."""
+    """How deep arrays and objects nest in a parsed value, walked without recursing; a string
+    that is not Unicode text (a lone surrogate, which JSON escapes allow) is a FrameError:
+    the kernel cannot encode its reply to it, and says so into whatever cell is running."""
     deepest, stack = 0, [(value, 1)]
     while stack:
         item, depth = stack.pop()
+        if isinstance(item, str):
+            _check_text(item)
+            continue
         if isinstance(item, dict):
-            children = item.values()
+            for key in item:
+                _check_text(key)
+            children: Iterable[Any] = item.values()
         elif isinstance(item, list):
             children = item
         else:
             continue
         deepest = max(deepest, depth)
-        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+        stack.extend(
+            (child, depth + 1) for child in children if isinstance(child, str | dict | list)
+        )
     return deepest
 
 
+def _check_text(text: str) -> None:
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise FrameError("a string is not Unicode text (a lone surrogate)") from None
+
+
 def parse_json(raw: bytes | str, what: str) -> Any:
-    """Strict JSON as SQLite's JSON functions read it too: UTF-8 only (no BOM, no UTF-16), no
-    NaN or Infinity, at most `MAX_JSON_DEPTH` deep. FrameError says what is wrong."""
+    """Strict JSON as SQLite's JSON functions and the kernel read it too: UTF-8 only (no BOM,
+    no UTF-16), no NaN or Infinity, Unicode strings, at most `MAX_JSON_DEPTH` deep.
+    FrameError says what is wrong."""
     try:
         text = raw if isinstance(raw, str) else raw.decode("utf-8")
     except UnicodeDecodeError as error:

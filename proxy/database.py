@@ -27,6 +27,10 @@ class NewerSchemaError(SchemaError):
     """The database was written by a newer proxy: using it could damage it."""
 
 
+class DatabasePathError(SchemaError):
+    """The database file cannot be created or opened where it was asked for."""
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -60,11 +64,21 @@ def connect(path: str | Path) -> sqlite3.Connection:
     path = Path(path)
     empty = True
     if str(path) != ":memory:":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.exists():
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-        os.chmod(path, 0o600)
-        empty = path.stat().st_size == 0
+        if path.is_dir():
+            raise DatabasePathError(f"cannot create the log database at {path}: a directory")
+        folder = next((p for p in path.parents if p.exists()), None)
+        if folder is not None and not folder.is_dir():
+            raise DatabasePathError(f"cannot create the log database at {path}: {folder} is a file")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+            os.chmod(path, 0o600)
+            empty = path.stat().st_size == 0
+        except OSError as error:
+            raise DatabasePathError(
+                f"cannot create the log database at {path}: {error.strerror or error}"
+            ) from None
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
     if empty:  # only a file without tables can choose: retention then shrinks it as it prunes
         conn.execute("PRAGMA auto_vacuum = INCREMENTAL")

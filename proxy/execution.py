@@ -15,6 +15,7 @@ id), so a browser shows it in the cell; whoever answers first answers.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import uuid
@@ -74,6 +75,7 @@ class ServerExecutor(Tap):
         self.jobs: dict[str, _Job] = {}
         self._queues: dict[str, asyncio.Queue[_Job]] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
+        self.outcomes: collections.Counter[str] = collections.Counter()  # ok, error, failed...
 
     def add_routes(self, app: web.Application, base: str) -> None:
         self.base = base
@@ -137,6 +139,7 @@ class ServerExecutor(Tap):
         if job.state == "queued":
             job.state = "cancelled"
             job.result = {"status": "cancelled"}
+            self.outcomes["cancelled"] += 1
             job.done.set()
         elif job.state == "running":
             url = self.upstream.api(f"api/kernels/{job.kernel_id}/interrupt")
@@ -238,10 +241,12 @@ class ServerExecutor(Tap):
             job.state = "running"
             try:
                 job.result = await self._run(job)
+                self.outcomes[str(job.result.get("status"))] += 1
             except (CollaborationUnavailable, LookupError, RuntimeError) as error:
                 log.warning("Server-side execution %s failed: %s", job.uid, error)
                 job.result = {"status": "error", "ename": type(error).__name__,
                               "evalue": str(error), "traceback": []}  # fmt: skip
+                self.outcomes["failed"] += 1
             job.state = "done"
             job.done.set()
             self._forget_old_jobs()

@@ -74,6 +74,13 @@ def render_stream_text(text: str) -> str:
     return terminal.feed(text) + terminal.line
 
 
+def stdin_echo(request: dict[str, Any], reply: dict[str, Any]) -> dict[str, Any]:
+    """The stream output JupyterLab adds for an answered input() prompt: the prompt and the
+    answer (dots for a password), as content of a ``stream`` message."""
+    shown = "\u00b7" * 8 if request.get("password") else str(reply.get("value", ""))
+    return {"name": "stdin", "text": f"{request.get('prompt', '')} {shown}\n"}
+
+
 def join_text(value: Any) -> str:
     """nbformat allows multiline strings as lists of lines."""
     return "".join(value) if isinstance(value, list) else str(value)

@@ -57,7 +57,7 @@ class Tap:
         kernel_id: str,
         direction: str,
         message: Message,
-        client: Client | None,
+        client: Requester | None,
         received_at: float,
     ) -> None:
         """A message passed, to the kernel from `client` or from the kernel to `client`
@@ -105,8 +105,9 @@ class Backlog(Protocol):
 #: A catch-up reads the log this many messages at a time, so a stalled client costs no more.
 CATCH_UP_CHUNK = 1000
 #: Requests remembered per kernel while they wait for a reply (the oldest forgotten first):
-#: a kernel leaves requests of types it does not know unanswered.
-MAX_PENDING_REQUESTS = 100_000
+#: a kernel leaves requests of types it does not know unanswered, and a frontend's queue of
+#: cells (Run All) is hundreds deep, not thousands.
+MAX_PENDING_REQUESTS = 10_000
 #: Seconds between two stream frames to one client (a browser renders ~1,000 frames a second).
 STREAM_FRAME_INTERVAL = 0.005
 
@@ -139,6 +140,7 @@ class Client:
     preface: list[Message] = field(default_factory=list)  # current state, sent before anything
     closed: bool = False
     times_behind: int = 0
+    pending: set[str] = field(default_factory=set)  # its requests still waiting for a reply
     _queue: collections.deque[Message] = field(default_factory=collections.deque)
     _queued_bytes: int = 0
     _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
@@ -162,7 +164,13 @@ class Client:
         self._wakeup.set()
 
     def close(self) -> None:
+        """Its websocket is gone: what was queued for it is dropped (its session reads what
+        it missed from the log on its return; the relay may keep this object a while, as the
+        sender of requests still waiting for their replies)."""
         self.closed = True
+        self._queue.clear()
+        self._queued_bytes = 0
+        self.preface = []
         self._wakeup.set()
 
     async def pump(
@@ -246,6 +254,21 @@ class Client:
             await confirm(self.sent_seq)
 
 
+@dataclass(frozen=True, slots=True)
+class Departed:
+    """A client that left with requests still unanswered, as the relay keeps it: whose their
+    replies are (the log files them under it; its session gets them on replay)."""
+
+    client_id: str
+    kernel_id: str
+    session_id: str | None
+    closed: bool = True
+
+
+#: Whose a request is: a connected client, or one that left.
+Requester = Client | Departed
+
+
 def is_execution_state(status: Message) -> bool:
     """Whether a status message tells if code runs: jupyter-server's nudges and other control
     requests make the kernel busy/idle while a cell still runs, so they do not count."""
@@ -267,7 +290,7 @@ class LoggedExecution:
 class KernelMemory:
     """What a kernel's relay must remember across a proxy restart, restored from the log."""
 
-    requesters: dict[str, Client] = field(default_factory=dict)  # unanswered request -> sender
+    requesters: dict[str, Requester] = field(default_factory=dict)  # unanswered request: sender
     last_status: Message | None = None
     pending_input: Message | None = None
     unfinished: list[LoggedExecution] = field(default_factory=list)
@@ -303,6 +326,12 @@ class KernelRelay:
 
     def detach(self, client: Client) -> None:
         client.close()
+        if client.pending:  # keep only whose their replies are, not the whole client
+            departed = Departed(client.client_id, client.kernel_id, client.session_id)
+            for msg_id in client.pending:
+                if self._requesters.get(msg_id) is client:
+                    self._requesters[msg_id] = departed
+            client.pending.clear()
         if self.clients.pop(client.client_id, None) is None:
             return
         for tap in self.taps:
@@ -318,6 +347,10 @@ class KernelRelay:
             for tap in self.taps:
                 tap.delivery_confirmed(client, client.confirmed_seq)
 
+    def awaits_replies(self) -> bool:
+        """Whether a request sent to the kernel has no reply yet."""
+        return bool(self._requesters)
+
     def current_state(self, client: Client) -> list[Message]:
         """What a client that joins without history is told at once: the kernel's execution
         state, and an input() prompt whose requester is gone."""
@@ -329,7 +362,7 @@ class KernelRelay:
                 state.append(pending)
         return state
 
-    def _emit(self, direction: str, message: Message, client: Client | None) -> None:
+    def _emit(self, direction: str, message: Message, client: Requester | None) -> None:
         message.seq = seq = self.next_seq()
         now = time.time()
         for tap in self.taps:
@@ -353,8 +386,12 @@ class KernelRelay:
             ):
                 raise RequestRefused(f"msg_id {message.msg_id[:64]!r} is another client's")
             if len(self._requesters) >= MAX_PENDING_REQUESTS:
-                del self._requesters[next(iter(self._requesters))]
+                oldest = next(iter(self._requesters))
+                forgotten = self._requesters.pop(oldest)
+                if isinstance(forgotten, Client):
+                    forgotten.pending.discard(oldest)
             self._requesters[message.msg_id] = client
+            client.pending.add(message.msg_id)
         elif message.msg_type == "input_reply":
             self.pending_input = None
         self._emit(TO_KERNEL, message, client)
@@ -373,8 +410,11 @@ class KernelRelay:
                 client.deliver(message)
             return
         parent_id = message.parent_msg_id or ""
+        requester: Requester | None
         if message.msg_type.endswith("_reply"):
             requester = self._requesters.pop(parent_id, None)
+            if isinstance(requester, Client):
+                requester.pending.discard(parent_id)
             if self.pending_input is not None and self.pending_input.parent_msg_id == parent_id:
                 self.pending_input = None
         else:  # e.g. input_request on stdin, while its execute_request is still running
@@ -387,9 +427,9 @@ class KernelRelay:
             if target is not None:
                 target.deliver(message)
 
-    def _live_client_of(self, client: Client) -> Client | None:
+    def _live_client_of(self, client: Requester) -> Client | None:
         """The connected client carrying on a client's session (itself if still here)."""
-        if not client.closed:
+        if isinstance(client, Client) and not client.closed:
             return client
         if client.session_id is None:
             return None

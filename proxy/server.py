@@ -25,18 +25,27 @@ import aiohttp
 import zmq.asyncio
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import __version__
 from .api import AuditApi
 from .codecs import LEGACY, V1_SUBPROTOCOL, FrameError, Message, decode_client_frame, with_seq
 from .execution import ServerExecutor
 from .links import WebsocketLink, ZmqLink, connection_file
+from .metrics import RelayCounts, exposition, registry_for
 from .relay import Client, KernelRelay, Relay, RequestRefused, Tap, in_background
 from .spool import SpoolReader
 from .taps.log import LogWriter
 from .taps.replay import Replayer, channel_options
 from .taps.yfold import OutputFolder
-from .upstream import HOP_BY_HOP, Upstream, forwarded_headers, is_kernel_id, redact
+from .upstream import (
+    HOP_BY_HOP,
+    Upstream,
+    forwarded_headers,
+    is_kernel_id,
+    is_placeholder_path,
+    redact,
+)
 from .yroom import NotebookRoom, collaboration_problem
 
 log = logging.getLogger("jupyter_replay_proxy")
@@ -114,7 +123,8 @@ class ReplayProxy:
         self.replayer = Replayer(writer, connect, window=settings.replay_window)
         self._notebooks: dict[str, str] = {}  # kernel id → its notebook's path, as last seen
         self.audit = AuditApi(upstream, connect, lambda: set(self.relay.kernels))
-        self.taps: list[Tap] = [writer, self.replayer]
+        self.counts = RelayCounts()
+        self.taps: list[Tap] = [writer, self.replayer, self.counts]
         self.folder: OutputFolder | None = None
         if settings.write_outputs:
             self.folder = OutputFolder(
@@ -139,6 +149,7 @@ class ReplayProxy:
         self._poller: asyncio.Task[None] | None = None
         self._closing = False
         self.upstream_error: str | None = None
+        self.registry = registry_for(self)
 
     # --- application -----------------------------------------------------------------------
 
@@ -147,6 +158,7 @@ class ReplayProxy:
         base = self.upstream.base_url
         app.router.add_get(base + "api/kernels/{kernel_id}/channels", self.channels)
         app.router.add_get(base + OWN_PREFIX + "api/status", self.status)
+        app.router.add_get(base + OWN_PREFIX + "metrics", self.metrics)
         if self.executor is not None:
             self.executor.add_routes(app, base)
             app.router.add_get(
@@ -219,7 +231,10 @@ class ReplayProxy:
             kernel_id = (session.get("kernel") or {}).get("id")
             path = session.get("path")
             known = self._notebooks.get(kernel_id)
-            if isinstance(kernel_id, str) and isinstance(path, str) and known != path:
+            if (
+                isinstance(kernel_id, str) and isinstance(path, str) and known != path
+                and not is_placeholder_path(path)
+            ):  # fmt: skip
                 self._notebooks[kernel_id] = path
                 self.writer.notebook_seen(kernel_id, path, session.get("type"))
 
@@ -425,6 +440,34 @@ class ReplayProxy:
                 "rooms": sorted(self.folder.rooms) if self.folder else [],
             }
         return web.json_response(status)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """Prometheus metrics, to whom jupyter-server shows its own /metrics."""
+        allowed = await self.upstream.metrics_allowed(request)
+        if allowed != 200:
+            return web.json_response(
+                {"message": "jupyter-server does not show its metrics to the caller"},
+                status=401 if allowed == 401 else 403,
+            )
+        return web.Response(
+            body=exposition(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    def kernel_running(self, kernel_id: str) -> bool:
+        """Whether the kernel runs a cell, or has a request to answer still."""
+        relay = self.relay.kernels.get(kernel_id)
+        if relay is None:
+            return False
+        status = relay.last_status
+        return relay.awaits_replies() or (status is not None and b'"idle"' not in status.parts[3])
+
+    def spool_backlogs(self) -> list[int]:
+        """Bytes of kernel output waiting on disk, per zmq-linked kernel."""
+        return [
+            relay.link.iopub.backlog()
+            for relay in self.relay.kernels.values()
+            if isinstance(relay.link, ZmqLink)
+        ]
 
     # --- everything else -------------------------------------------------------------------
 

@@ -191,6 +191,12 @@ class Spool:
                     self._notice *= 2
         return messages
 
+    def backlog(self) -> int:
+        """Bytes written by the reader and not yet taken by the relay."""
+        if self._file is None:
+            return 0
+        return max(0, os.fstat(self._file).st_size - self._read)
+
     async def more(self) -> None:
         """After :meth:`take` gave nothing: wait until the reader wrote more (or is gone)."""
         self._notice = NOTICE_BYTES

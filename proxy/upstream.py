@@ -47,6 +47,16 @@ def redact(text: str) -> str:
     return _COOKIES.sub(r"\1[secret]", _TOKENS.sub(r"\1[secret]", text))
 
 
+#: JupyterLab creates a notebook's session under a random path (a UUID in the notebook's
+#: folder), then renames it to the notebook's path.
+_PLACEHOLDER = re.compile(r"(?:^|/)[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def is_placeholder_path(path: str) -> bool:
+    """Whether a session's path is JupyterLab's placeholder, not a document."""
+    return _PLACEHOLDER.search(path) is not None
+
+
 def is_kernel_id(text: str) -> bool:
     """Whether a URL segment can be a kernel id: one plain path segment, nothing to resolve."""
     return len(text) <= 128 and _KERNEL_ID.fullmatch(text) is not None
@@ -174,6 +184,15 @@ class Upstream:
             if resp.status != 200:
                 return resp.status, None
             return 200, {kernel["id"] for kernel in await resp.json()}
+
+    async def metrics_allowed(self, request: web.Request) -> int:
+        """What jupyter-server answers the caller for its own /metrics (200: allowed), asked
+        with the caller's own credentials: the proxy's metrics are for whom it shows its own."""
+        query = {k: v for k, v in request.query.items() if k == "token"}
+        headers = credential_headers(request.headers)
+        async with self.http.get(self.api("metrics").with_query(query), headers=headers) as resp:
+            await resp.read()
+            return resp.status
 
     async def identity(self, request: web.Request) -> tuple[int, dict[str, Any] | None]:
         """jupyter-server's /api/me for the caller, asked with the caller's credentials."""

@@ -199,6 +199,11 @@ async def collaboration_problem(upstream: Upstream) -> str | None:
         ) as resp:
             if resp.status in (200, 201) or "does not exist" in await resp.text():
                 return None
+            if resp.status in (401, 403):
+                return (
+                    f"cannot ask {upstream} for jupyter-collaboration: it refused the proxy's "
+                    f"token ({resp.status})"
+                )
     except aiohttp.ClientError as error:
         return f"cannot ask {upstream} for jupyter-collaboration: {error}"
     return (

@@ -82,7 +82,8 @@ def _dump(value: Any) -> str:
 def harmless_messages(draw: st.DrawFn) -> tuple[_Message, str]:
     channel = draw(st.sampled_from(sorted(HARMLESS)))
     msg_type = draw(st.sampled_from(HARMLESS[channel]))
-    msg_id = f"fuzz-{next(_serial)}-{draw(st.uuids())}"  # unique: a reused id is refused
+    msg_id = f"fuzz-{next(_serial):012d}-{draw(st.uuids())}"  # unique (a reused id is refused),
+    # and of one length whatever the count (later draws depend on lengths)
     header = {
         "msg_id": msg_id, "msg_type": msg_type, "session": draw(st.text(max_size=20)),
         "username": draw(st.text(max_size=12)), "date": "2026-12-06T00:00:00.000000Z",
@@ -160,7 +161,8 @@ def frames(draw: st.DrawFn) -> Frame:
     elif kind == "part not an object":
         setattr(message, draw(st.sampled_from(_PARTS)), _dump(draw(not_objects)))
     elif kind == "nested too deep":
-        depth = draw(st.integers(MAX_JSON_DEPTH, 3000) | st.just(50_000))  # (+1: inside "x")
+        # (+1: inside "x"); now and then as deep as a parser without bounds would recurse
+        depth = 50_000 if draw(st.integers(0, 9)) == 0 else draw(st.integers(MAX_JSON_DEPTH, 3000))
         value = _deep(depth, draw(st.sampled_from("[{")))
         part = draw(st.sampled_from(_PARTS))
         if part == "header":
@@ -168,6 +170,9 @@ def frames(draw: st.DrawFn) -> Frame:
             message.header = _dump(header)[:-1] + f', "x": {value}}}'
         else:
             setattr(message, part, f'{{"x": {value}}}')
+    elif kind == "lone surrogate":
+        escape = draw(st.sampled_from(["\\ud800", "\\udfff", "\\udbff\\u0041"]))
+        setattr(message, draw(st.sampled_from(_PARTS[1:])), f'{{"x": "{escape}"}}')
     elif kind == "NaN or Infinity":
         constant = draw(st.sampled_from(["NaN", "Infinity", "-Infinity"]))
         setattr(message, draw(st.sampled_from(_PARTS[1:])), f'{{"x": {constant}}}')
@@ -261,6 +266,6 @@ def _bad_offsets(draw: st.DrawFn, message: _Message, protocol: str) -> Frame:
 _KINDS = (
     "valid", "valid", "valid", "header field not a string", "parent field not a string",
     "header lacks msg_id or msg_type", "part not an object", "nested too deep",
-    "NaN or Infinity", "not JSON", "unknown channel", "not UTF-8", "text on v1", "bad offsets",
-    "mutated", "mutated", "random",
+    "NaN or Infinity", "lone surrogate", "not JSON", "unknown channel", "not UTF-8", "text on v1",
+    "bad offsets", "mutated", "mutated", "random",
 )  # fmt: skip

@@ -23,6 +23,7 @@ from proxy.taps.log import Redactor
 
 from .conftest import (
     JupyterServer,
+    KernelChannels,
     RunningProxy,
     make_proxy,
     open_channels,
@@ -32,7 +33,7 @@ from .conftest import (
 )
 
 NOTEBOOK = "audited.ipynb"
-CELLS = [  # (cell id, code): run in this order
+CELLS = [  # (cell id, code): run in this order, then cell-s (a secret) and cell-i (input())
     ("cell-a", "print('hello')\n1 + 1"),
     ("cell-b", "from IPython.display import clear_output\n"
                "for i in range(3):\n    clear_output(wait=True)\n    print(f'step {i}')"),
@@ -85,12 +86,36 @@ async def audited(
             msg_id, _, _ = await client.execute(code, metadata={"cellId": cell_id})
             msg_ids.append(msg_id)
         await client.execute("secret = 'hunter2'; print(secret)", metadata={"cellId": "cell-s"})
+        await _answer_input(client)
     finally:
         await client.close()
     running.writer.flush()
     # a token has no user name of its own: jupyter-server names each connection anew
     (user,) = connect(running.db_path).execute("SELECT DISTINCT username FROM clients").fetchone()
     yield Audited(running, kernel_id, msg_ids, user)
+
+
+async def _answer_input(client: KernelChannels) -> None:
+    """A cell asking for input, answered as a frontend does."""
+    msg_id = await client.send(
+        "shell", "execute_request",
+        {"code": "name = input('name? ')\nprint('hi', name)", "silent": False,
+         "store_history": True, "user_expressions": {}, "allow_stdin": True},
+        {"cellId": "cell-i"},
+    )  # fmt: skip
+    while True:
+        prompt = await client.recv()
+        if prompt.msg_type == "input_request":
+            break
+    await client.send("stdin", "input_reply", {"value": "Ada"}, parent=prompt.header)
+    reply, _ = await client.collect(msg_id)
+    assert reply.content()["status"] == "ok"
+
+
+ECHOED = [
+    {"output_type": "stream", "name": "stdin", "text": "name?  Ada\n"},
+    {"output_type": "stream", "name": "stdout", "text": "hi Ada\n"},
+]
 
 
 async def test_transcript_says_who_ran_what_where_and_what_came_out(audited: Audited) -> None:
@@ -113,7 +138,11 @@ async def test_transcript_says_who_ran_what_where_and_what_came_out(audited: Aud
     assert counts == sorted(counts) and len(set(counts)) == len(counts)
     assert again.finished_at > again.requested_at and again.started_at > again.requested_at
 
+    answered = next(e for e in found if e.cell_id == "cell-i")
+    assert answered.outputs == ECHOED  # the answer to input() as the frontend echoed it
+
     text = "\n".join(audit.transcript_text(found))
+    assert "name?  Ada" in text
     assert "ZeroDivisionError" in text and "> 1 / 0" in text and audited.user in text
     markdown = "\n".join(audit.transcript_markdown(found))
     assert "```python\n1 / 0\n```" in markdown and f"### In [{failing.execution_count}]" in markdown
@@ -125,7 +154,8 @@ async def test_export_rebuilds_the_notebook_with_each_cells_last_execution(
     notebook = audit.export_notebook(audited.conn(), audit.Filter(notebook=NOTEBOOK))
     nbformat.validate(notebook)
     ids = [cell["id"] for cell in notebook.cells]
-    assert ids == ["cell-a", "cell-b", "cell-c", "cell-d", "cell-e", "cell-s"]
+    assert ids == ["cell-a", "cell-b", "cell-c", "cell-d", "cell-e", "cell-s", "cell-i"]
+    assert notebook.cells[-1].outputs == [nbformat.from_dict(output) for output in ECHOED]
     cell_a = notebook.cells[0]
     assert cell_a.source == "print('again')"
     assert cell_a.outputs == [nbformat.from_dict(
@@ -145,7 +175,7 @@ async def test_message_filters(audited: Audited) -> None:
         conn,
         audit.Filter(kernel=audited.kernel_id, channels=["shell"], msg_types=["execute_reply"]),
     )
-    assert len(shell) == len(CELLS) + 1 and all(m["user"] == audited.user for m in shell)
+    assert len(shell) == len(CELLS) + 2 and all(m["user"] == audited.user for m in shell)
     everything = audit.messages(conn, audit.Filter(kernel=audited.kernel_id))
     middle = datetime.fromisoformat(everything[len(everything) // 2]["received_at"])
     before = audit.messages(conn, audit.Filter(until=middle))
@@ -161,14 +191,14 @@ async def test_redaction_applies_before_writing(audited: Audited) -> None:
     conn = audited.conn()
     dump = "\n".join(conn.iterdump())
     assert "hunter2" not in dump
-    secret = audit.executions(conn, audit.Filter(kernel=audited.kernel_id))[-1]
+    secret = audit.executions(conn, audit.Filter(kernel=audited.kernel_id))[-2]
     assert secret.code == "secret = '[redacted]'; print(secret)"
     assert secret.outputs[0]["text"] == "[redacted]\n"
 
 
 async def test_stats(audited: Audited) -> None:
     figures = audit.stats(audited.conn(), audited.proxy.db_path)
-    assert figures["executions"] == len(CELLS) + 1 and figures["kernels"] == 1
+    assert figures["executions"] == len(CELLS) + 2 and figures["kernels"] == 1
     assert figures["users"] == 1 and figures["notebooks"] == 1
     assert figures["messages"] > 5 * len(CELLS) and figures["oldest"] <= figures["newest"]
     assert figures["database_bytes"] > 0
@@ -207,7 +237,7 @@ async def test_http_api_authorized_by_jupyter_server(
         async with http.get(base + "audit/export", params={"notebook": NOTEBOOK}) as resp:
             assert resp.status == 200
             exported = nbformat.reads(await resp.text(), as_version=4)
-        assert len(exported.cells) == 6
+        assert len(exported.cells) == 7
         async with http.get(base + "audit/messages", params={"since": "yesterday"}) as resp:
             assert resp.status == 400 and "not a time" in (await resp.json())["message"]
         async with http.get(base + "audit/export") as resp:
@@ -231,13 +261,13 @@ async def test_command_line(audited: Audited, tmp_path: Path) -> None:
         audited.msg_ids[:2]
     )
     table = _cli("log", f"--db={db}", "--msg-type=execute_request", f"--kernel={audited.kernel_id}")
-    assert table.returncode == 0 and table.stdout.count("execute_request") == len(CELLS) + 1
+    assert table.returncode == 0 and table.stdout.count("execute_request") == len(CELLS) + 2
     out = tmp_path / "rebuilt.ipynb"
     exported = _cli("export", f"--db={db}", f"--kernel={audited.kernel_id}", f"--output={out}")
     assert exported.returncode == 0, exported.stderr
     nbformat.validate(nbformat.read(out, as_version=4))
     stats = json.loads(_cli("stats", f"--db={db}", "--format=json").stdout)
-    assert stats["executions"] == len(CELLS) + 1
+    assert stats["executions"] == len(CELLS) + 2
     bad = _cli("log", f"--db={db}", "--since=not-a-time")
     assert bad.returncode == 2 and "not a time" in bad.stderr
     missing = _cli("stats", f"--db={tmp_path / 'absent.sqlite'}")

@@ -230,6 +230,8 @@ _HEADER = '{"msg_id": "m", "msg_type": "kernel_info_request"}'
         (['{"msg_id": "m", "msg_type": "x", "date": null}', "{}", "{}", "{}"],
          "header.date is not a string"),
         ([_HEADER, "{}", "{}", '{"n": ' + "9" * 5000 + "}"], "content is not valid JSON"),
+        ([_HEADER, "{}", '{"x": "\\ud800"}', "{}"], "lone surrogate"),
+        ([_HEADER, '{"\\udfff": 1}', "{}", "{}"], "lone surrogate"),
     ],
 )  # fmt: skip
 def test_what_json_or_the_log_cannot_take_is_a_frame_error(

@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ..codecs import Message
-from ..relay import Client, Tap
+from ..relay import Client, Requester, Tap
 
 log = logging.getLogger("jupyter_replay_proxy.log")
 
@@ -85,11 +85,16 @@ def _text(raw: bytes) -> str:
 class Redactor:
     """Replaces what the configured patterns match in the strings of a message's content and
     metadata before they are written (the log, and so what is replayed from it, keeps only the
-    redacted text). Raises ``re.error`` for a pattern that is not a regular expression."""
+    redacted text). Raises ValueError for a pattern that is not a regular expression."""
 
     def __init__(self, patterns: Sequence[str]) -> None:
         for pattern in patterns:
-            re.compile(pattern)  # say which one is bad
+            try:
+                re.compile(pattern)
+            except re.error as error:  # say which one is bad
+                raise ValueError(
+                    f"redact pattern {pattern!r} is not a regular expression: {error}"
+                ) from None
         self._pattern = re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
 
     def __call__(self, text: str) -> str:
@@ -164,6 +169,7 @@ class LogWriter(Tap):
         self.dropped = 0
         self.set_aside = 0
         self.last_set_aside: str | None = None
+        self.errors = 0  # failed attempts to write (each retry counts)
         self._next_seq = 1
         self._open()
         self._thread = threading.Thread(target=self._run, name="replay-proxy-log", daemon=True)
@@ -188,7 +194,7 @@ class LogWriter(Tap):
         kernel_id: str,
         direction: str,
         message: Message,
-        client: Client | None,
+        client: Requester | None,
         received_at: float,
     ) -> None:
         # Only what the row needs: not the message, whose cached frames would double the
@@ -298,6 +304,7 @@ class LogWriter(Tap):
             self._fail(error)
 
     def _fail(self, error: BaseException) -> None:
+        self.errors += 1
         message = f"{type(error).__name__}: {error}"
         if message != self.error:
             log.error("Cannot write the message log: %s; messages are kept and retried", message)

@@ -10,6 +10,7 @@ a proxy restart. Reads run on a thread of their own; the relay never waits on th
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import re
 import sqlite3
@@ -21,7 +22,7 @@ from datetime import datetime
 from typing import Any
 
 from ..codecs import Message
-from ..relay import Client, KernelMemory, LoggedExecution, Tap
+from ..relay import Client, Departed, KernelMemory, LoggedExecution, Tap
 from .log import LogWriter
 
 _HISTORY = """
@@ -129,6 +130,8 @@ class ReplayRequest:
     parent: str | None = None
 
 
+#: Sessions whose delivery position is kept in memory (the most recently active ones).
+MAX_REMEMBERED_POSITIONS = 10_000
 #: Sequence numbers are SQLite integers.
 MAX_SEQ = 2**63 - 1
 #: jupyter-server makes a websocket's session_id the zmq identity of its sockets: at most 255
@@ -192,7 +195,11 @@ class Replayer(Tap):
         self._connect = connect
         self.window = window
         self.lookback = lookback
-        self.positions: dict[tuple[str, str], int] = {}
+        # the latest positions, also those not committed yet; the log has them all (a session
+        # whose position was forgotten here is read from it)
+        self.positions: collections.OrderedDict[tuple[str, str], int] = collections.OrderedDict()
+        self.replays: collections.Counter[str] = collections.Counter()  # resume, history
+        self.replayed_messages = 0  # sent from the log
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="replay-proxy-reader")
         self._conn: sqlite3.Connection | None = None
 
@@ -202,6 +209,9 @@ class Replayer(Tap):
         if client.session_id is not None:
             key = (client.kernel_id, client.session_id)
             self.positions[key] = max(seq, self.positions.get(key, 0))
+            self.positions.move_to_end(key)
+            if len(self.positions) > MAX_REMEMBERED_POSITIONS:
+                self.positions.popitem(last=False)
 
     # --- reading, on the reader thread -----------------------------------------------------
 
@@ -239,7 +249,9 @@ class Replayer(Tap):
         def work(conn: sqlite3.Connection) -> list[Message]:
             return self._with_buffers(conn, conn.execute(_HISTORY, query).fetchall())
 
-        return await self._read(work)
+        found: list[Message] = await self._read(work)
+        self.replayed_messages += len(found)
+        return found
 
     async def settle(self) -> None:
         loop = asyncio.get_running_loop()
@@ -279,6 +291,7 @@ class Replayer(Tap):
                 row = await self._read(lambda conn: conn.execute(_NTH_LAST, query).fetchone())
                 after = row[0] - 1 if row else 0
             client.sent_seq, client.behind, client.replay_parent = after, True, replay.parent
+            self.replays["history"] += 1
             return True
         if client.session_id is None:
             return False
@@ -286,6 +299,7 @@ class Replayer(Tap):
         if position is None:
             return False
         client.sent_seq, client.behind = position, True
+        self.replays["resume"] += 1
         return True
 
     async def remember(self, kernel_id: str) -> KernelMemory:
@@ -295,8 +309,7 @@ class Replayer(Tap):
             memory = KernelMemory()
             query = {"kernel": kernel_id, "lookback": self.lookback}
             for msg_id, client_id, session_id in conn.execute(_UNANSWERED_REQUESTS, query):
-                ghost = Client(client_id or "", kernel_id, session_id, "", closed=True)
-                memory.requesters[msg_id] = ghost
+                memory.requesters[msg_id] = Departed(client_id or "", kernel_id, session_id)
             status = conn.execute(_EXECUTION_STATE, {"kernel": kernel_id})
             memory.last_status = next(iter(self._with_buffers(conn, status.fetchall())), None)
             pending = conn.execute(

@@ -17,14 +17,16 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..codecs import Message
-from ..fold import OUTPUT_MESSAGES, Edit, NotebookFold
+from ..fold import OUTPUT_MESSAGES, Edit, NotebookFold, stdin_echo
 from ..links import RecentIds
-from ..relay import FROM_KERNEL, Client, KernelMemory, Tap, in_background
+from ..metrics import LatencyHistogram
+from ..relay import FROM_KERNEL, Client, KernelMemory, Requester, Tap, in_background
 from ..yroom import CollaborationUnavailable, NotebookRoom, set_outputs, youtput
 
 log = logging.getLogger("jupyter_replay_proxy.yfold")
@@ -76,6 +78,8 @@ class OutputFolder(Tap):
         # (kernel, session) → executions of that session the proxy took over: its outputs are
         # the proxy's to write, so a returning client of the session is not sent them
         self._taken: dict[tuple[str, str | None], RecentIds] = {}
+        self.handoffs = 0  # executions taken over
+        self.write_latency = LatencyHistogram()  # of writes into Y documents
 
     def hides_from(self, client: Client) -> Callable[[Message], bool]:
         """Which messages the client must not get: outputs of its session's executions the
@@ -103,7 +107,7 @@ class OutputFolder(Tap):
         kernel_id: str,
         direction: str,
         message: Message,
-        client: Client | None,
+        client: Requester | None,
         received_at: float,
     ) -> None:
         if direction != FROM_KERNEL:
@@ -216,7 +220,7 @@ class OutputFolder(Tap):
 
     # --- executions ------------------------------------------------------------------------------
 
-    def _requested(self, kernel_id: str, message: Message, client: Client | None) -> None:
+    def _requested(self, kernel_id: str, message: Message, client: Requester | None) -> None:
         metadata = _json(message.parts[2])
         cell_id = metadata.get("cellId") if isinstance(metadata, dict) else None
         if not isinstance(cell_id, str):
@@ -249,10 +253,8 @@ class OutputFolder(Tap):
         if kernel.by_cell.get(execution.cell_id) is not execution:
             return
         content = reply.content()
-        value = content.get("value", "") if isinstance(content, dict) else ""
-        shown = "\u00b7" * 8 if request.get("password") else str(value)
-        text = f"{request.get('prompt', '')} {shown}\n"
-        kernel.fold.apply(execution.cell_id, "stream", {"name": "stdin", "text": text})
+        echo = stdin_echo(request, content if isinstance(content, dict) else {})
+        kernel.fold.apply(execution.cell_id, "stream", echo)
         self._write(kernel, execution)
 
     def _finished(self, kernel: _Kernel, execution: _Execution) -> None:
@@ -313,6 +315,7 @@ class OutputFolder(Tap):
                 self._finished_if_done(kernel, execution)
                 continue
             execution.owner, execution.room = "proxy", room
+            self.handoffs += 1
             key = (execution.kernel_id, execution.session_id)
             # a session returns within hours, not thousands of executions
             self._taken.setdefault(key, RecentIds(1000)).first_time(execution.msg_id)
@@ -336,10 +339,12 @@ class OutputFolder(Tap):
             execution.owner = "nobody"  # the cell was deleted
             return
         state = kernel.fold.cell(execution.cell_id)
+        started = time.perf_counter()
         with execution.room.doc.transaction():
             set_outputs(ycell, state.outputs)
             ycell["execution_count"] = state.execution_count
             ycell["execution_state"] = "idle" if execution.finished else "running"
+        self.write_latency.observe(time.perf_counter() - started)
 
     def _write(self, kernel: _Kernel, execution: _Execution) -> None:
         edits = kernel.fold.take_edits()
@@ -349,6 +354,7 @@ class OutputFolder(Tap):
         if ycell is None:
             execution.owner = "nobody"
             return
+        started = time.perf_counter()
         try:
             with execution.room.doc.transaction():
                 for edit in edits:
@@ -360,6 +366,8 @@ class OutputFolder(Tap):
                     ycell["execution_state"] = "idle"
         except (IndexError, KeyError, TypeError, ValueError):  # someone else changed outputs
             self._rewrite(kernel, execution)
+            return
+        self.write_latency.observe(time.perf_counter() - started)
 
     # --- rooms -----------------------------------------------------------------------------------
 
