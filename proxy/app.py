@@ -30,6 +30,7 @@ from traitlets import Bool, Enum, Float, Integer, List, Unicode, default
 from traitlets.config.loader import KVArgParseConfigLoader, _KVArgParser
 
 from . import __version__
+from .allocator import return_free_memory
 from .audit import parse_duration
 from .database import (
     DatabasePathError,
@@ -276,7 +277,7 @@ class ProxyApp(DatabaseApp):
             websocket_link_session_id=session_id,
             allowed_message_types=frozenset(self.allowed_message_types),
             link_namespace=str(Path(self.db).resolve()),
-            spool_dir=Path(self.db).resolve().parent,
+            spool_dir=Path(f"{Path(self.db).resolve()}.spool"),
             write_outputs=self.write_outputs,
             server_side_execution=self.server_side_execution,
             handoff_grace=self.handoff_grace,
@@ -358,10 +359,12 @@ class ProxyApp(DatabaseApp):
         )
         if lab_url:
             print(f"\n    JupyterLab, through jupyter-replay-proxy:\n    {lab_url}\n", flush=True)
-        retaining = None
+        periodic = [asyncio.ensure_future(return_free_memory())]
         if prepared.retention.active:
-            retaining = asyncio.ensure_future(
-                prepared.retention.apply_periodically(lambda: connect(self.db))
+            periodic.append(
+                asyncio.ensure_future(
+                    prepared.retention.apply_periodically(lambda: connect(self.db))
+                )
             )
         try:
             await stop.wait()
@@ -370,8 +373,8 @@ class ProxyApp(DatabaseApp):
                 await before_stopping(proxy)
             self.log.info("Shutting down the proxy")
             info.unlink(missing_ok=True)
-            if retaining is not None:
-                retaining.cancel()
+            for task in periodic:
+                task.cancel()
             await runner.cleanup()
             writer.close()
 
@@ -570,7 +573,8 @@ class LabApp(ProxyApp):
                     if not any(proxy.kernel_running(kernel_id) for kernel_id in kernels):
                         break
                     await asyncio.sleep(0.1)
-                self.log.info("Shutting down %d kernel(s)", len(kernels))
+                if kernels:
+                    self.log.info("Shutting down %d kernel(s)", len(kernels))
                 for kernel_id in kernels:
                     async with http.delete(url + f"api/kernels/{kernel_id}"):
                         pass
@@ -607,6 +611,8 @@ class LabApp(ProxyApp):
             await process.wait()
 
     def start(self) -> None:
+        if self.root_dir and not Path(self.root_dir).is_dir():
+            raise CommandError(f"--root-dir {self.root_dir} is not a directory")
         prepared = self.prepare()  # before JupyterLab is spawned: a port in use stops here
 
         async def main() -> None:

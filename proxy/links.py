@@ -18,8 +18,9 @@ import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import zmq
@@ -38,6 +39,7 @@ from .codecs import (
 )
 from .relay import in_background
 from .spool import SpoolReader
+from .spool_writer import REPLY
 from .upstream import Upstream
 
 log = logging.getLogger("jupyter_replay_proxy.links")
@@ -46,6 +48,26 @@ _SERVER_STATES = (b'"restarting"', b'"autorestarting"', b'"dead"')
 _BACKOFF_MAX = 5.0
 _STDIN_WAIT = 2.0  # seconds requests wait for the stdin socket once the kernel's iopub flows
 _JOIN_WAIT = 2.0  # seconds zmq output waits for the presence to hand over jupyter-server's buffer
+
+
+class LogProgress(Protocol):
+    """What a link asks the log: whether it keeps up, and whether a message is committed."""
+
+    async def until_caught_up(self) -> None: ...
+
+    async def until_durable(self, seq: int) -> None: ...
+
+
+@dataclass
+class LinkContext:
+    """What the kernel links of a proxy share."""
+
+    upstream: Upstream
+    zmq_context: zmq.asyncio.Context
+    spools: SpoolReader
+    log: LogProgress
+    #: msg_ids of a kernel's last iopub messages in the log (at most so many)
+    recently_logged: Callable[[str, int], Awaitable[set[str]]]
 
 
 def connection_file(runtime_dir: Path, kernel_id: str) -> Path:
@@ -126,7 +148,7 @@ class _Presence:
                     async for frame in ws:
                         if frame.type != aiohttp.WSMsgType.BINARY:
                             continue
-                        if not self.link.joined:
+                        if not self.link.joined.is_set():
                             self._fill_gap(frame.data)
                         elif b'"status"' in frame.data and any(
                             state in frame.data for state in _SERVER_STATES
@@ -159,9 +181,11 @@ class _Presence:
 class ZmqLink:
     """Direct zmq connection to a local kernel: lossless.
 
-    Its iopub is read by the proxy's reader process into a file (:mod:`proxy.spool`);
-    `log_room` is awaited before more of it is relayed, so while the log falls behind the
-    backlog waits on disk.
+    Its iopub is read by the proxy's reader process into a file (:mod:`proxy.spool`). The log's
+    room is awaited before more of it is relayed, so while the log falls behind the backlog
+    waits on disk; the file is emptied only once all taken from it is committed to the log.
+    On linking, what an earlier proxy's reader wrote and that proxy did not log is relayed
+    first (:meth:`_recover`), then what jupyter-server kept for the presence, then zmq.
     """
 
     kind = "zmq"
@@ -170,19 +194,16 @@ class ZmqLink:
         self,
         kernel_id: str,
         info: dict[str, Any],
-        upstream: Upstream,
+        stable_id: str,
         deliver: Callable[[Message], None],
         gone: Callable[[str], None],
-        context: zmq.asyncio.Context,
-        stable_id: str,
-        spools: SpoolReader,
-        log_room: Callable[[], Awaitable[None]] | None = None,
+        context: LinkContext,
     ) -> None:
         self.kernel_id = kernel_id
-        self._log_room = log_room
+        self.context = context
         self.deliver = deliver
         self.gone = gone
-        client = AsyncKernelClient(context=context)
+        client = AsyncKernelClient(context=context.zmq_context)
         client.load_connection_info(info)
         self.session: Session = client.session
         # The same identity on every start of the proxy: replies to requests sent before a
@@ -192,22 +213,30 @@ class ZmqLink:
         self.sockets: dict[str, zmq.asyncio.Socket] = {
             "shell": client.connect_shell(identity=identity),
             "control": client.connect_control(identity=identity),
-            "stdin": self._watched_stdin(context, info, identity),
+            "stdin": self._watched_stdin(context.zmq_context, info, identity),
         }
-        self.iopub = spools.spool(_address(info, "iopub_port"), f"Kernel {kernel_id}")
+        self.iopub = context.spools.spool(
+            kernel_id, _address(info, "iopub_port"), f"Kernel {kernel_id}", identity,
+            tuple(_address(info, f"{channel}_port") for channel in ("shell", "control", "stdin")),
+        )  # fmt: skip
         self._readers: list[asyncio.Task[None]] = []
         self._iopub_flowing = asyncio.Event()
         self._held: list[Message] = []  # client messages sent before iopub and stdin were ready
         self._ready = False
         self._nudges: set[str] = set()
-        # Until `joined`, iopub from zmq waits in `_early` while the presence relays what
-        # jupyter-server buffered; once the presence reaches zmq's first message, zmq goes on
-        # (without what the presence relayed already: `_gap_filled`).
-        self.joined = False
+        self._last_relayed = 0  # seq of the last iopub message relayed from the spool
+        # Until `joined`, iopub from zmq waits in `_early`: first what an earlier proxy's reader
+        # wrote is relayed (`recovered`), then what jupyter-server buffered for the presence;
+        # once the presence reaches zmq's first message, zmq goes on. What was relayed in
+        # between (or is in the log already) is not relayed again: `_gap_filled`.
+        self.joined = asyncio.Event()
+        self.recovered = False
+        self._join_due = False
         self._early: list[Message] = []
         self._early_ids: set[str] = set()
         self._gap_filled: set[str] = set()
-        self.presence = _Presence(upstream, self, f"replay-proxy-{stable_id}")
+        self._presence_early: list[Message] = []  # what the presence relayed before recovery
+        self.presence = _Presence(context.upstream, self, f"replay-proxy-{stable_id}")
 
     def _watched_stdin(
         self, context: zmq.asyncio.Context, info: dict[str, Any], identity: bytes
@@ -227,8 +256,16 @@ class ZmqLink:
         return socket
 
     @classmethod
-    def from_file(cls, path: Path, *args: Any) -> ZmqLink:
-        return cls(args[0], json.loads(path.read_text()), *args[1:])
+    def from_file(
+        cls,
+        path: Path,
+        kernel_id: str,
+        stable_id: str,
+        deliver: Callable[[Message], None],
+        gone: Callable[[str], None],
+        context: LinkContext,
+    ) -> ZmqLink:
+        return cls(kernel_id, json.loads(path.read_text()), stable_id, deliver, gone, context)
 
     async def start(self) -> None:
         self.iopub.open()
@@ -240,6 +277,36 @@ class ZmqLink:
         self._readers.append(asyncio.ensure_future(self._follow_stdin()))
         self._readers.append(asyncio.ensure_future(self._relay_iopub()))
         await self._nudge()
+        await self._recover()
+
+    async def _recover(self) -> None:
+        """Relay what an earlier proxy's reader wrote for this kernel and that proxy did not
+        log (it was killed), before anything newer. Once this link's own subscription is live:
+        the earlier reader hands the kernel over then, so nothing falls in between."""
+        left = await asyncio.to_thread(self.context.spools.leftovers, self.kernel_id)
+        if left:  # (what of it the log has is its first part: as many, at most)
+            logged = await self.context.recently_logged(self.kernel_id, len(left) + 10_000)
+            self._gap_filled |= logged
+        relayed = 0
+        for frames in left:
+            channel = "iopub"
+            if frames and frames[0].startswith(REPLY):  # caught by the reader for us
+                channel, frames = frames[0][len(REPLY) :].decode(), frames[1:]
+            message = self._parse(channel, frames)
+            if message is not None and message.msg_id not in self._gap_filled:
+                self._gap_filled.add(message.msg_id)
+                self.deliver(message)
+                relayed += 1
+
+        if relayed:
+            log.info("Kernel %s: %d messages relayed that the proxy before this one had not "
+                     "logged", self.kernel_id, relayed)  # fmt: skip
+        self.recovered = True
+        early, self._presence_early = self._presence_early, []
+        for message in early:
+            self.from_presence(message)
+        if self._join_due:
+            self._join()
 
     async def _follow_stdin(self) -> None:
         """Keep `_stdin_connected` true exactly while the kernel can route to our stdin."""
@@ -288,13 +355,16 @@ class ZmqLink:
                 log.exception("Kernel %s: cannot relay a %s message", self.kernel_id, channel)
 
     async def _relay_iopub(self) -> None:
-        """Relay what the iopub reader wrote, a slice at a time so other work runs between."""
+        """Relay what the iopub reader wrote, a slice at a time so other work runs between;
+        when all of it is taken, let the reader empty the file once the log has it all."""
         while True:
-            if self._log_room is not None:
-                await self._log_room()
+            await self.context.log.until_caught_up()
             batch = self.iopub.take()
             if not batch:
-                await self.iopub.more()
+                joined = self.joined.is_set()  # (before, what was taken waits in _early)
+                if joined:
+                    await self.context.log.until_durable(self._last_relayed)
+                await self.iopub.more(logged=joined)
                 continue
             for count, frames in enumerate(batch, 1):
                 self._receive("iopub", frames)
@@ -302,25 +372,34 @@ class ZmqLink:
                     await asyncio.sleep(0)
             await asyncio.sleep(0)
 
-    def _receive(self, channel: str, frames: list[bytes]) -> None:
+    def _parse(self, channel: str, frames: list[bytes]) -> Message | None:
+        """A message the kernel sent, checked and signed; None (logged) if it is not one."""
         session = self.session
         try:
             _, parts = session.feed_identities(frames)
             signature, parts = parts[0], parts[1:]
             if session.auth is not None and signature != session.sign(parts[:4]):
                 raise FrameError("bad message signature")
-            message = message_from_parts(
+            return message_from_parts(
                 channel, parts, allowed_channels=KERNEL_CHANNELS, validate_body=False
             )
         except (ValueError, IndexError) as error:
             log.warning("Kernel %s sent an invalid %s message: %s", self.kernel_id, channel, error)
+            return None
+
+    def _receive(self, channel: str, frames: list[bytes]) -> None:
+        message = self._parse(channel, frames)
+        if message is None:
             return
         if channel == "iopub":
             self._iopub_flowing.set()
-            if not self.joined:
+            if not self.joined.is_set():
                 self._hold_early(message)
                 return
-        elif message.parent_msg_id in self._nudges:
+            self.deliver(message)
+            self._last_relayed = message.seq
+            return
+        if message.parent_msg_id in self._nudges:
             self._nudges.discard(message.parent_msg_id)
             return
         self.deliver(message)
@@ -332,22 +411,32 @@ class ZmqLink:
             asyncio.get_running_loop().call_later(_JOIN_WAIT, self._join)
 
     def from_presence(self, message: Message) -> None:
-        """Gap fill: what jupyter-server buffered for the presence while the proxy was down."""
-        if message.msg_id in self._early_ids:
+        """Gap fill: what jupyter-server buffered for the presence while the proxy was down
+        (after what an earlier proxy's reader wrote: that is older)."""
+        if self.joined.is_set():
+            return  # (zmq goes on from here: what jupyter-server sends on is all there)
+        if not self.recovered:
+            self._presence_early.append(message)
+        elif message.msg_id in self._early_ids:
             self._join()  # the presence caught up with zmq: all before it has been relayed
         elif message.msg_id not in self._gap_filled:
             self._gap_filled.add(message.msg_id)
             self.deliver(message)
 
     def _join(self) -> None:
-        if self.joined:
+        if self.joined.is_set():
             return
-        self.joined = True
+        if not self.recovered:
+            self._join_due = True
+            return
+        self.joined.set()
         early, self._early, self._early_ids = self._early, [], set()
         filled, self._gap_filled = self._gap_filled, set()
+
         for message in early:
             if message.msg_id not in filled:
                 self.deliver(message)
+                self._last_relayed = message.seq
 
     def resync(self) -> None:
         """After a restart: hold client messages until the new kernel's iopub reaches us.
@@ -383,15 +472,31 @@ class ZmqLink:
         """The presence is held for as long as the link, clients or not."""
 
     async def close(self) -> None:
+        """Stop following the kernel. The presence goes first (from then on jupyter-server
+        keeps the kernel's output for the next proxy); what the reader wrote until then is
+        relayed, so the spool file can go once the log has it."""
         await self.presence.close()
         for task in self._readers:
             task.cancel()
         await asyncio.gather(*self._readers, return_exceptions=True)
+        drained = self.joined.is_set() and self._drain()
         self.sockets["stdin"].disable_monitor()
         self._stdin_events.close(linger=0)
         for socket in self.sockets.values():
             socket.close(linger=0)
-        self.iopub.close()
+        if drained:
+            await self.context.log.until_durable(self._last_relayed)
+        self.iopub.close(done=drained)
+
+    def _drain(self) -> bool:
+        """Relay everything the reader wrote so far; False if that cannot be done."""
+        try:
+            while batch := self.iopub.take():
+                for frames in batch:
+                    self._receive("iopub", frames)
+        except (OSError, AssertionError):  # its file is gone: the next proxy has nothing
+            return False
+        return True
 
 
 class WebsocketLink:

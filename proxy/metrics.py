@@ -130,11 +130,22 @@ class ProxyCollector(Collector):
             "Clients reading from the log because they fell behind.",
             value=sum(client.behind for client in clients),
         )
-        spool = GaugeMetricFamily(
-            "replay_proxy_spool_bytes", "Kernel output waiting on disk to be relayed."
+        spools = proxy.kernel_spools()
+        yield GaugeMetricFamily(
+            "replay_proxy_spool_bytes",
+            "Kernel output waiting to be relayed (on disk; in memory while the disk is full).",
+            value=sum(spool.backlog() for spool in spools),
         )
-        spool.add_metric([], sum(proxy.spool_backlogs()))
-        yield spool
+        yield GaugeMetricFamily(
+            "replay_proxy_spools_in_memory",
+            "Kernels whose output waits in memory because the disk refused it.",
+            value=sum(spool.in_memory for spool in spools),
+        )
+        yield CounterMetricFamily(
+            "replay_proxy_spool_dropped",
+            "Kernel messages dropped: the disk was full and too much waited in memory.",
+            value=proxy.spools.dropped,
+        )
 
         replayer = proxy.replayer
         replays = CounterMetricFamily(
@@ -147,6 +158,11 @@ class ProxyCollector(Collector):
             "replay_proxy_replayed_messages",
             "Messages sent from the log (replays, and clients catching up).",
             value=replayer.replayed_messages,
+        )
+        yield CounterMetricFamily(
+            "replay_proxy_resent_messages",
+            "Messages sent again to a resuming session that had them, unacknowledged.",
+            value=replayer.resent_messages,
         )
 
         folder = proxy.folder

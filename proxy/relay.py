@@ -84,6 +84,18 @@ class KernelLink(Protocol):
     async def close(self) -> None: ...
 
 
+class Ledger(Protocol):
+    """What the relay needs of the log: numbers for messages, and word that they are kept."""
+
+    def next_seq(self) -> int:
+        """The sequence number of the next message."""
+        ...
+
+    async def until_durable(self, seq: int) -> None:
+        """Return once the message `seq` is committed (at once while the log fails)."""
+        ...
+
+
 class Backlog(Protocol):
     """Where a client that is behind reads what it missed: the log."""
 
@@ -140,6 +152,7 @@ class Client:
     preface: list[Message] = field(default_factory=list)  # current state, sent before anything
     closed: bool = False
     times_behind: int = 0
+    resent: int = 0  # messages sent again at its resume: it had them, unacknowledged
     pending: set[str] = field(default_factory=set)  # its requests still waiting for a reply
     _queue: collections.deque[Message] = field(default_factory=collections.deque)
     _queued_bytes: int = 0
@@ -304,14 +317,16 @@ class KernelRelay:
         kernel_id: str,
         link: KernelLink,
         taps: list[Tap],
-        next_seq: Callable[[], int],
+        ledger: Ledger,
         memory: KernelMemory | None = None,
     ) -> None:
         self.kernel_id = kernel_id
         self.link = link
         self.taps = taps
-        self.next_seq = next_seq
+        self.ledger = ledger
         self.clients: dict[str, Client] = {}
+        self._outbox: collections.deque[Message] = collections.deque()  # logged, to be sent
+        self._forwarding: asyncio.Task[None] | None = None
         self.linked_at = time.monotonic()
         memory = memory or KernelMemory()
         self._requesters = memory.requesters
@@ -363,7 +378,7 @@ class KernelRelay:
         return state
 
     def _emit(self, direction: str, message: Message, client: Requester | None) -> None:
-        message.seq = seq = self.next_seq()
+        message.seq = seq = self.ledger.next_seq()
         now = time.time()
         for tap in self.taps:
             try:
@@ -395,7 +410,27 @@ class KernelRelay:
         elif message.msg_type == "input_reply":
             self.pending_input = None
         self._emit(TO_KERNEL, message, client)
-        self.link.send(message)
+        self._outbox.append(message)
+        if self._forwarding is None:
+            self._forwarding = asyncio.ensure_future(self._forward())
+
+    async def _forward(self) -> None:
+        """Send clients' messages to the kernel, in order, once the log holds them (group
+        commit: a commit takes what came meanwhile). A crash in between loses a request that
+        never ran, not one that ran and is missing from the log."""
+        try:
+            while self._outbox:
+                upto = self._outbox[-1].seq
+                await self.ledger.until_durable(upto)
+                while self._outbox and self._outbox[0].seq <= upto:
+                    self.link.send(self._outbox.popleft())
+        finally:
+            self._forwarding = None
+
+    def close(self) -> None:
+        """The kernel is no longer followed: what was not sent stays unsent."""
+        if self._forwarding is not None:
+            self._forwarding.cancel()
 
     def from_kernel(self, message: Message) -> None:
         """A kernel's message: iopub to everyone, a reply to the session that sent its parent.
@@ -453,12 +488,12 @@ class Relay:
         self,
         link_factory: LinkFactory,
         taps: list[Tap],
-        next_seq: Callable[[], int],
+        ledger: Ledger,
         remember: Callable[[str], Awaitable[KernelMemory]] | None = None,
     ) -> None:
         self.link_factory = link_factory
         self.taps = taps
-        self.next_seq = next_seq
+        self.ledger = ledger
         self.remember = remember or _nothing_to_remember
         self.kernels: dict[str, KernelRelay] = {}
         self._starting: dict[str, asyncio.Task[KernelRelay]] = {}
@@ -485,7 +520,7 @@ class Relay:
 
         memory = await self.remember(kernel_id)
         link = self.link_factory(kernel_id, deliver, self._gone)
-        relay = KernelRelay(kernel_id, link, self.taps, self.next_seq, memory)
+        relay = KernelRelay(kernel_id, link, self.taps, self.ledger, memory)
         for tap in self.taps:
             tap.kernel_remembered(kernel_id, memory)
         await link.start()
@@ -521,6 +556,7 @@ class Relay:
         log.info("Kernel %s is gone; closing its link", kernel_id)
         for callback in self.on_kernel_gone:
             await callback(relay)
+        relay.close()
         await relay.link.close()
 
     async def close(self) -> None:

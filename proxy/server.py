@@ -14,10 +14,11 @@ import logging
 import re
 import sqlite3
 import struct
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +32,10 @@ from . import __version__
 from .api import AuditApi
 from .codecs import LEGACY, V1_SUBPROTOCOL, FrameError, Message, decode_client_frame, with_seq
 from .execution import ServerExecutor
-from .links import WebsocketLink, ZmqLink, connection_file
+from .links import LinkContext, WebsocketLink, ZmqLink, connection_file
 from .metrics import RelayCounts, exposition, registry_for
 from .relay import Client, KernelRelay, Relay, RequestRefused, Tap, in_background
-from .spool import SpoolReader
+from .spool import Spool, SpoolReader
 from .taps.log import LogWriter
 from .taps.replay import Replayer, channel_options
 from .taps.yfold import OutputFolder
@@ -82,7 +83,9 @@ class ProxySettings:
     write_outputs: bool = True  # take over outputs of executions whose client left
     server_side_execution: bool = True  # serve POST /api/kernels/{id}/execute; pages use it
     handoff_grace: float = 5.0  # seconds a client may be gone before the proxy writes for it
-    spool_dir: Path | None = None  # where a kernel's iopub waits until it is relayed
+    spool_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="spool-")))
+    """where the kernels' iopub waits until it is in the log (beside the log: it outlives a
+    proxy that is killed, for the next one)"""
 
 
 async def _close(ws: web.WebSocketResponse, code: int, reason: str) -> None:
@@ -134,7 +137,7 @@ class ReplayProxy:
             )
             self.taps.append(self.folder)
         self.collaboration_error: str | None = None
-        self.relay = Relay(self._make_link, self.taps, writer.next_seq, self.replayer.remember)
+        self.relay = Relay(self._make_link, self.taps, writer, self.replayer.remember)
         self.relay.on_kernel_gone.append(self._close_clients)
         self.executor: ServerExecutor | None = None
         if self.folder is not None and settings.server_side_execution:
@@ -145,6 +148,9 @@ class ReplayProxy:
             self.taps.append(self.executor)
         self.zmq_context = zmq.asyncio.Context()
         self.spools = SpoolReader(settings.spool_dir)
+        self.link_context = LinkContext(
+            upstream, self.zmq_context, self.spools, writer, self.replayer.recently_logged
+        )
         self._sockets: dict[Client, web.WebSocketResponse] = {}
         self._poller: asyncio.Task[None] | None = None
         self._closing = False
@@ -251,15 +257,7 @@ class ReplayProxy:
                     uuid.NAMESPACE_URL, f"{self.settings.link_namespace}/{kernel_id}"
                 )
                 return ZmqLink.from_file(
-                    path,
-                    kernel_id,
-                    self.upstream,
-                    deliver,
-                    gone,
-                    self.zmq_context,
-                    str(stable_id),
-                    self.spools,
-                    self.writer.until_caught_up,
+                    path, kernel_id, str(stable_id), deliver, gone, self.link_context
                 )
             except (OSError, ValueError, KeyError) as error:
                 if self.settings.link == "zmq":
@@ -417,8 +415,18 @@ class ReplayProxy:
                 "id": relay.kernel_id,
                 "link": relay.link.kind,
                 "clients": len(relay.clients),
-                # the most iopub bytes that waited on disk because the relay or the log fell behind
-                "spool_peak": relay.link.iopub.peak if isinstance(relay.link, ZmqLink) else 0,
+                **(
+                    {
+                        # the most iopub bytes that waited because the relay or the log fell behind
+                        "spool_peak": relay.link.iopub.peak,
+                        # the disk refused the kernel's output: it waits in memory
+                        "spool_in_memory": relay.link.iopub.in_memory,
+                        # dropped with the disk full and too much waiting in memory
+                        "spool_dropped": relay.link.iopub.dropped,
+                    }
+                    if isinstance(relay.link, ZmqLink)
+                    else {}
+                ),
             }
             for relay in relays
         ]
@@ -427,6 +435,7 @@ class ReplayProxy:
                 "kernel": client.kernel_id, "user": client.username, "protocol": client.protocol,
                 "sent_seq": client.sent_seq, "confirmed_seq": client.confirmed_seq,
                 "behind": client.behind, "times_behind": client.times_behind,
+                "resent": client.resent,
             }
             for relay in relays for client in relay.clients.values()
         ]  # fmt: skip
@@ -434,6 +443,10 @@ class ReplayProxy:
         if visible is None:
             status["upstream"] = {"url": str(self.upstream), "error": self.upstream_error}
             status["log"] = asdict(self.writer.health())
+            status["spool"] = {
+                "reader_pid": self.spools.pid, "standby_pid": self.spools.standby_pid,
+                "failovers": self.spools.promotions, "dropped": self.spools.dropped,
+            }  # fmt: skip
             status["outputs"] = {
                 "enabled": self.folder is not None,
                 "collaboration_error": self.collaboration_error,
@@ -461,10 +474,10 @@ class ReplayProxy:
         status = relay.last_status
         return relay.awaits_replies() or (status is not None and b'"idle"' not in status.parts[3])
 
-    def spool_backlogs(self) -> list[int]:
-        """Bytes of kernel output waiting on disk, per zmq-linked kernel."""
+    def kernel_spools(self) -> list[Spool]:
+        """The iopub spools of the zmq-linked kernels."""
         return [
-            relay.link.iopub.backlog()
+            relay.link.iopub
             for relay in self.relay.kernels.values()
             if isinstance(relay.link, ZmqLink)
         ]

@@ -69,10 +69,12 @@ def describe(status: dict[str, Any]) -> list[str]:
     kernels, clients = status.get("kernels", []), status.get("clients", [])
     lines.append(f"kernels   {len(kernels)}")
     for kernel in kernels:
-        waiting = kernel.get("spool_peak", 0)
+        waiting, dropped = kernel.get("spool_peak", 0), kernel.get("spool_dropped", 0)
         lines.append(
             f"  {kernel['id']}  {kernel['link']} link, {kernel['clients']} clients"
             + (f", at most {_bytes(waiting)} of output waited on disk" if waiting else "")
+            + (", output waits in memory: disk full" if kernel.get("spool_in_memory") else "")
+            + (f", {dropped:,} messages dropped (disk full)" if dropped else "")
         )
     lines.append(f"clients   {len(clients)}")
     for client in clients:

@@ -182,7 +182,7 @@ async def make_proxy(
             runtime_dir=runtime_dir,
             websocket_link_session_id="test-link",
             link_namespace=str(db_path),
-            **settings,
+            **{"spool_dir": Path(f"{db_path}.spool"), **settings},
         ),
         lambda: connect(db_path),
     )

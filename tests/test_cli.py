@@ -226,6 +226,8 @@ def test_a_users_mistakes_are_one_clear_line(tmp_path: Path) -> None:
         assert f"cannot create the log database at {where}: {why}" in said, said
         assert "choose another --db" in said
     assert "export needs --kernel" in _mistake(tmp_path, "export", db)
+    said = _mistake(tmp_path, "lab", db, f"--root-dir={tmp_path / 'nowhere'}")
+    assert "is not a directory" in said
     said = _mistake(tmp_path, "serve", db, "--ProxyApp.redact_patterns=['(']")
     assert "redact pattern '(' is not a regular expression" in said
 

@@ -61,6 +61,8 @@ async def test_metrics_after_real_traffic(
     assert value("replay_proxy_kernels", link="zmq") >= 1
     assert value("replay_proxy_clients") == 1 and value("replay_proxy_clients_behind") == 0
     assert value("replay_proxy_spool_bytes") == 0
+    assert value("replay_proxy_spools_in_memory") == 0
+    assert value("replay_proxy_spool_dropped_total") == 0
     assert value("replay_proxy_server_executions_total", outcome="error") == 1
     assert value("replay_proxy_server_executions_total", outcome="ok") == 0
     assert value("replay_proxy_replays_total", kind="resume") == 0

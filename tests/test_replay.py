@@ -315,3 +315,29 @@ async def test_a_cell_runs_until_both_its_reply_and_its_idle_are_logged(tmp_path
     finally:
         replayer.close()
         writer.close()
+
+
+async def test_a_resuming_session_is_told_how_much_it_is_sent_again(
+    zmq_proxy: RunningProxy, jupyter_server: JupyterServer, kernel_id: str
+) -> None:
+    """What a session had but had not acknowledged when it dropped is sent again at its
+    resume (at most one acknowledgement round trip); status and metrics count it."""
+    session = secrets.token_hex(8)
+    first = await open_channels(zmq_proxy.url, kernel_id, jupyter_server.token, session_id=session)
+    msg_id = await first.send("shell", "execute_request", {"code": COUNT_SLOWLY, **EXECUTE})
+    while "3" not in lines_of([m for m in first.received if m.parent_msg_id == msg_id]):
+        await first.recv()
+    first.blip()  # before reading the ping that follows line 3: that line is not acknowledged
+    await first.http.close()
+    second = await open_channels(zmq_proxy.url, kernel_id, jupyter_server.token, session_id=session)
+    try:
+        await second.collect(msg_id)
+        again = {m.msg_id for m in first.received} & {m.msg_id for m in second.received}
+        status = await (await second.http.get(
+            f"{zmq_proxy.url}replay-proxy/api/status", params={"token": jupyter_server.token}
+        )).json()  # fmt: skip
+        (client,) = status["clients"]
+        assert client["resent"] == len(again) >= 1
+        assert zmq_proxy.proxy.replayer.resent_messages == len(again)
+    finally:
+        await second.close()

@@ -38,6 +38,18 @@ WHERE m.kernel_id = :kernel
 ORDER BY m.seq
 LIMIT :limit
 """
+_RECENT_IOPUB = """
+SELECT msg_id FROM messages
+WHERE kernel_id = :kernel AND channel = 'iopub' AND direction = 'from_kernel'
+ORDER BY seq DESC
+LIMIT :limit
+"""
+#: What a resuming session gets again: its kernel's messages it was sent but did not confirm.
+_RESENT = """
+SELECT count(*) FROM messages
+WHERE kernel_id = :kernel AND seq > :after AND seq <= :through AND direction = 'from_kernel'
+"""
+
 _NTH_LAST = """
 SELECT m.seq
 FROM messages AS m
@@ -198,6 +210,10 @@ class Replayer(Tap):
         # the latest positions, also those not committed yet; the log has them all (a session
         # whose position was forgotten here is read from it)
         self.positions: collections.OrderedDict[tuple[str, str], int] = collections.OrderedDict()
+        # how far each session was sent when its client left: what of that is sent again when
+        # it resumes is counted (not across a restart of the proxy: it did not log that far)
+        self.sent: collections.OrderedDict[tuple[str, str], int] = collections.OrderedDict()
+        self.resent_messages = 0
         self.replays: collections.Counter[str] = collections.Counter()  # resume, history
         self.replayed_messages = 0  # sent from the log
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="replay-proxy-reader")
@@ -212,6 +228,14 @@ class Replayer(Tap):
             self.positions.move_to_end(key)
             if len(self.positions) > MAX_REMEMBERED_POSITIONS:
                 self.positions.popitem(last=False)
+
+    def client_left(self, client: Client) -> None:
+        if client.session_id is not None and client.sent_seq > client.confirmed_seq:
+            key = (client.kernel_id, client.session_id)
+            self.sent[key] = client.sent_seq
+            self.sent.move_to_end(key)
+            if len(self.sent) > MAX_REMEMBERED_POSITIONS:
+                self.sent.popitem(last=False)
 
     # --- reading, on the reader thread -----------------------------------------------------
 
@@ -251,6 +275,16 @@ class Replayer(Tap):
 
         found: list[Message] = await self._read(work)
         self.replayed_messages += len(found)
+        return found
+
+    async def recently_logged(self, kernel_id: str, limit: int) -> set[str]:
+        """The msg_ids of a kernel's last `limit` iopub messages in the log."""
+
+        def work(conn: sqlite3.Connection) -> set[str]:
+            rows = conn.execute(_RECENT_IOPUB, {"kernel": kernel_id, "limit": limit})
+            return {msg_id for (msg_id,) in rows}
+
+        found: set[str] = await self._read(work)
         return found
 
     async def settle(self) -> None:
@@ -300,6 +334,12 @@ class Replayer(Tap):
             return False
         client.sent_seq, client.behind = position, True
         self.replays["resume"] += 1
+        sent = self.sent.pop((client.kernel_id, client.session_id), 0)
+        if sent > position:
+            query = {"kernel": client.kernel_id, "after": position, "through": sent}
+            row = await self._read(lambda conn: conn.execute(_RESENT, query).fetchone())
+            client.resent = row[0]
+            self.resent_messages += client.resent
         return True
 
     async def remember(self, kernel_id: str) -> KernelMemory:
