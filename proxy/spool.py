@@ -5,22 +5,23 @@ in the proxy's receive queue (unbounded: a high-water mark would make the kernel
 A reading thread in the proxy did not keep that queue short: pyzmq lets go of the GIL for every
 frame it receives, and while the event loop is busy each frame then waits out the interpreter's
 switch interval (5 ms), so in a flood the thread fell seconds behind and libzmq's queue grew by
-100 MB and more. The reader here (:mod:`proxy.spool_writer`, one process for all of the proxy's
-kernels) has an interpreter of its own and does nothing but move messages from the sockets to
-files; what the relay has not taken yet waits there, on disk (in the page cache), in neither
-process's memory.
+100 MB and more. The readers here (:mod:`proxy.spool_writer`: a primary and a standby, each
+one process for all of the proxy's kernels) have interpreters of their own and do nothing but
+move messages from the sockets to files (the standby: to memory); what the relay has not taken
+yet waits there, on disk (in the page cache), in neither process's memory.
 
 Each kernel's file (private to its user, named ``<kernel>.<reader pid>.<n>.spool`` in the
 spool directory beside the log, made by the proxy and handed over with its descriptor) is
-written only by the reader and read only by the proxy. The socket pair between them carries
+written only by the primary and read only by the proxy. The socket pair between them carries
 the proxy's *open*, *close*, *stop* and *read all* ``(epoch, offset)`` (sent when everything
 there is committed to the log) and the reader's *more* ``(epoch)``, once it wrote more after
-that. The reader empties a file only when all of it is in the log, and starts a new epoch, so
-the proxy knows to read from the start again. So what is in the files survives the proxy: when
-it is killed, its reader goes on writing, and the next proxy takes each kernel over from it
-(:meth:`SpoolReader.leftovers`) and relays what its log lacks. If the reader dies it is
-started again, and each kernel goes on in a fresh file once what the old one held is in the
-log.
+that, and *moved* (a memory file while the disk refuses writes, and back). The reader empties
+a file only when all of it is in the log, and starts a new epoch, so the proxy knows to read
+from the start again. So what is in the files survives the proxy: when it is killed, its
+reader goes on writing, and the next proxy takes each kernel over from it
+(:meth:`SpoolReader.leftovers`) and relays what its log lacks. If the primary dies, the
+standby is promoted (:meth:`SpoolReader._exited`): it writes what came after the last message
+of the dead one's file into a new file, which the relay reads after that one.
 """
 
 from __future__ import annotations

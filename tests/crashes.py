@@ -37,6 +37,7 @@ class CrashReport:
     duplicates_per_kill: list[int] = field(default_factory=list)
     logged: list[int] = field(default_factory=list)
     reply_status: str | None = None
+    failovers: int | None = None  # (target "reader") the standby took over so many times
     idle: bool = False
     seconds: float = 0.0
 
@@ -125,6 +126,11 @@ async def flood_with_kills(
             client.received.clear()
         await _read_for(client, msg_id, 120, ending, until_done=True)
         report.received += _lines(client, msg_id)
+        if target == "reader":
+            response = await client.http.get(
+                f"{url}replay-proxy/api/status", params={"token": server.token}
+            )
+            report.failovers = (await response.json())["spool"]["failovers"]
         if ending.reply is not None:
             report.reply_status = ending.reply.content()["status"]
         report.idle = ending.idle
@@ -183,8 +189,9 @@ async def _read_for(
 
 def summary(report: CrashReport) -> str:
     counts = collections.Counter(report.received)
+    failovers = f" ({report.failovers} failovers)" if report.failovers is not None else ""
     return (
-        f"{report.lines:,} lines, {report.kills} kills in {report.seconds:.1f} s: "
+        f"{report.lines:,} lines, {report.kills} kills{failovers} in {report.seconds:.1f} s: "
         f"lost at the client {len(report.lost_at_client)}, missing from the log "
         f"{len(report.missing_from_log)}, duplicates {report.duplicates} "
         f"(per kill {report.duplicates_per_kill}, most of one line "
