@@ -8,6 +8,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -38,6 +39,24 @@ from proxy.database import connect, open_database
 from proxy.server import ProxySettings, ReplayProxy
 from proxy.taps.log import LogWriter
 from proxy.upstream import Upstream
+
+_SESSION_MARK = "REPLAY_PROXY_TEST_SESSION"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_reader_outlives_the_tests() -> Iterator[None]:
+    """The iopub reader of a proxy killed -9 waits up to ten minutes for a successor (and keeps
+    the test run's output open meanwhile): those of this run's proxies, marked by an
+    environment variable they inherit, are killed when it ends."""
+    os.environ[_SESSION_MARK] = secrets.token_hex(8)
+    marker = f"{_SESSION_MARK}={os.environ[_SESSION_MARK]}".encode()
+    yield
+    for process in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, ValueError):
+            if b"proxy.spool_writer" in (process / "cmdline").read_bytes() and marker in (
+                process / "environ"
+            ).read_bytes().split(b"\0"):
+                os.kill(int(process.name), signal.SIGKILL)
 
 
 def free_port() -> int:
