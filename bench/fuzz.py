@@ -46,7 +46,8 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
             await client.close()
         warmup = Tally()
         await fuzz(proxy.url, kernels, server.token, draw_frames(500, args.seed + 1), warmup)
-        rss_before = rss_mb(proxy.process.pid)
+        rss_before = rss_mb(proxy.process.pid, children=False)
+        readers_before = rss_mb(proxy.process.pid) - rss_before
 
         stop = asyncio.Event()
         good = [GoodClient() for _ in kernels]
@@ -61,7 +62,8 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
         elapsed = time.perf_counter() - started
         stop.set()
         await asyncio.gather(*runs)
-        rss_after = rss_mb(proxy.process.pid)
+        rss_after = rss_mb(proxy.process.pid, children=False)
+        readers_after = rss_mb(proxy.process.pid) - rss_after
 
         answered = 0
         for kernel_id in kernels:
@@ -112,7 +114,8 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
     print(f"valid fuzz frames missing from the log: {missing_valid} of {len(tally.valid_ids):,}")
     print(f"kernels answering an execute afterwards: {answered} of {len(kernels)}")
     print(f"proxy RSS: {rss_before:.0f} MB before, {rss_after:.0f} MB after "
-          f"({rss_after - rss_before:+.0f} MB)")  # fmt: skip
+          f"({rss_after - rss_before:+.0f} MB); its iopub readers (the standby keeps 30 s of "
+          f"each kernel's output): {readers_before:.0f} -> {readers_after:.0f} MB")  # fmt: skip
     print(f"proxy log: {tracebacks} tracebacks, {len(errors)} error lines")
     for line in errors[:10]:
         print(f"    {line[:300]}")

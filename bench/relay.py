@@ -38,15 +38,16 @@ from tests.conftest import (
 )
 
 
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process and its children (the proxy's iopub readers), in MB."""
+def rss_mb(pid: int, children: bool = True) -> float:
+    """Resident memory of a process and (`children`) its children (the proxy's iopub
+    readers), in MB."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split() if children else []
     except OSError:  # it just exited
         return 0.0
     rss = [int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")]
-    return sum(rss) / 1024 + sum(rss_mb(int(child)) for child in children)
+    return sum(rss) / 1024 + sum(rss_mb(int(child)) for child in kids)
 
 
 class ProxyProcess:
