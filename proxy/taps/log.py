@@ -59,7 +59,8 @@ DO UPDATE SET seq = max(seq, excluded.seq), updated_at = excluded.updated_at
 
 
 class _IsoClock:
-    """UTC ISO 8601 times for many timestamps of the same second, formatted once a second."""
+    """UTC ISO 8601 times for many timestamps of the same second, formatted once a second.
+    Not thread-safe: each writer thread has its own."""
 
     def __init__(self) -> None:
         self._second = -1
@@ -73,9 +74,6 @@ class _IsoClock:
                 "%Y-%m-%dT%H:%M:%S"
             )
         return f"{self._prefix}.{int((timestamp - second) * 1e6):06d}+00:00"
-
-
-_iso = _IsoClock()
 
 
 def _text(raw: bytes) -> str:
@@ -148,6 +146,7 @@ class LogWriter(Tap):
     ) -> None:
         self._connect = connect
         self._redact = redactor or Redactor(())
+        self._iso = _IsoClock()  # (the writer thread's)
         self.max_buffer_size = max_buffer_size
         self._conn: sqlite3.Connection | None = None
         self.flush_interval = flush_interval
@@ -366,7 +365,7 @@ class LogWriter(Tap):
         and what could not even be made a row."""
         rows: _Rows = {name: [] for name, _ in _STATEMENTS}
         unbuildable: list[_Refused] = []
-        redact, limit = self._redact, self.max_buffer_size
+        redact, limit, iso = self._redact, self.max_buffer_size, self._iso
         for kind, item in batch:
             try:
                 if kind == "m":
@@ -378,7 +377,7 @@ class LogWriter(Tap):
                     message = (
                         seq, kernel_id, channel, direction, _string(msg_id), _string(parent_id),
                         _string(msg_type), _string(session), _string(username), client_id,
-                        _string(date), _iso(received_at), _text(parts[0]), _text(parts[1]),
+                        _string(date), iso(received_at), _text(parts[0]), _text(parts[1]),
                         redact(_text(parts[2])), redact(_text(parts[3])), len(parts) - 4,
                     )  # fmt: skip
                     buffers = [
@@ -392,21 +391,21 @@ class LogWriter(Tap):
                     client = (
                         item.client_id, item.kernel_id, _string(item.session_id),
                         _string(item.username), item.identity_json, item.protocol,
-                        _string(item.remote), _iso(item.connected_at),
+                        _string(item.remote), iso(item.connected_at),
                     )  # fmt: skip
                     rows["client"].append((client, ("client", None, item.kernel_id, client)))
                 elif kind == "l":
                     client_id, at = item
                     rows["client_left"].append(
-                        ((_iso(at), client_id), ("client_left", None, None, item))
+                        ((iso(at), client_id), ("client_left", None, None, item))
                     )
                 elif kind == "n":
                     kernel_id, path, session_type, at = item
-                    notebook = (kernel_id, path, _string(session_type), _iso(at), _iso(at))
+                    notebook = (kernel_id, path, _string(session_type), iso(at), iso(at))
                     rows["notebook"].append((notebook, ("notebook", None, kernel_id, item)))
                 else:
                     kernel_id, session_id, seq, at = item
-                    delivery = (kernel_id, session_id, seq, _iso(at))
+                    delivery = (kernel_id, session_id, seq, iso(at))
                     rows["delivery"].append((delivery, ("delivery", None, kernel_id, item)))
             except Exception as error:  # any value the writer cannot shape into a row
                 unbuildable.append(((kind, None, None, item), error))
@@ -441,7 +440,7 @@ class LogWriter(Tap):
                 with contextlib.suppress(*_ROW_ERRORS):  # then it is only counted
                     conn.execute(
                         _SET_ASIDE,
-                        (_iso(time.time()), kind, seq, _string(kernel_id),
+                        (self._iso(time.time()), kind, seq, _string(kernel_id),
                          f"{type(error).__name__}: {error}", _as_json(row)),
                     )  # fmt: skip
             conn.execute("COMMIT")
