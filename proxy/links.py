@@ -181,7 +181,7 @@ class _Presence:
 class ZmqLink:
     """Direct zmq connection to a local kernel: lossless.
 
-    Its iopub is read by the proxy's reader process into a file (:mod:`proxy.spool`). The log's
+    Its iopub is read by the proxy's reader processes into a file (:mod:`proxy.spool`). The log's
     room is awaited before more of it is relayed, so while the log falls behind the backlog
     waits on disk; the file is emptied only once all taken from it is committed to the log.
     On linking, what an earlier proxy's reader wrote and that proxy did not log is relayed
