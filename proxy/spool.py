@@ -26,7 +26,6 @@ of the dead one's file into a new file, which the relay reads after that one.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import collections
 import contextlib
@@ -58,6 +57,7 @@ from .spool_writer import (
     decode,
     digest,
     encode,
+    receive,
 )
 
 log = logging.getLogger("jupyter_replay_proxy.spool")
@@ -104,26 +104,12 @@ class _ReaderProcess:
         """The notices waiting on the socket, each with the descriptor sent with it; one of
         kind 0 if the process is gone."""
         assert self.control is not None
-        fds = array.array("i")
-        while True:
-            try:
-                packet, ancillary, _, _ = self.control.recvmsg(
-                    NOTICE.size, socket.CMSG_LEN(fds.itemsize), socket.MSG_DONTWAIT
-                )
-            except BlockingIOError:
-                return
-            except OSError:
-                packet, ancillary = b"", []
+        while (received := receive(self.control, NOTICE.size)) is not None:
+            packet, fds = received
             if not packet:
                 yield 0, 0, 0, 0, 0, None
                 return
-            file = next(
-                (int.from_bytes(data[: fds.itemsize], sys.byteorder)
-                 for level, type_, data in ancillary
-                 if level == socket.SOL_SOCKET and type_ == socket.SCM_RIGHTS),
-                None,
-            )  # fmt: skip
-            yield *NOTICE.unpack(packet), file
+            yield *NOTICE.unpack(packet), (fds[0] if fds else None)
 
     def gone(self) -> int:
         """It exited (it closed its end as it did): its exit status."""
@@ -309,6 +295,19 @@ class SpoolReader:
         await asyncio.gather(*(process.stop() for process in processes))
 
 
+def _read_records(file: int, offset: int, end: int | None) -> tuple[list[list[bytes]], int]:
+    """The whole messages of `file` from `offset` (up to `end`), a chunk at a time, and how many
+    bytes they take; a message larger than a chunk is read whole."""
+    size = READ_CHUNK
+    while True:
+        want = size if end is None else min(size, end - offset)
+        data = os.pread(file, want, offset) if want > 0 else b""
+        messages, used = decode(data)
+        if messages or len(data) < want or want < size:
+            return messages, used
+        size *= 2
+
+
 def _writer_pid(path: Path) -> int:
     """The pid of the reader that wrote a spool file, from its name."""
     try:
@@ -364,7 +363,7 @@ class Spool:
         self.path: Path | None = None
         self._retired: list[Path] = []  # a dead primary's files, removed once logged
         self._epoch = self._read = 0
-        self._last = b""  # the last record taken
+        self._last: list[bytes] = []  # the last message taken
         self._woken: asyncio.Future[None] | None = None
         self._moves: collections.deque[_Move] = collections.deque()
         self.in_memory = False  # the disk refused the kernel's output: it waits in memory
@@ -399,7 +398,7 @@ class Spool:
             self._move_on(self._moves.popleft())
             messages = self._read_file()
         if messages:
-            self._last = encode(messages[-1])
+            self._last = messages[-1]
             behind = os.fstat(self._file).st_size - self._read
             self.peak = max(self.peak, behind)
             if behind >= self._notice:
@@ -433,14 +432,7 @@ class Spool:
         moved on from it)."""
         assert self._file is not None
         end = self._moves[0].end if self._moves else None
-        size = READ_CHUNK
-        while True:  # a message larger than the chunk: read more
-            want = size if end is None else min(size, end - self._read)
-            data = os.pread(self._file, want, self._read) if want > 0 else b""
-            messages, used = decode(data)
-            if messages or len(data) < want or want < size:
-                break
-            size *= 2
+        messages, used = _read_records(self._file, self._read, end)
         self._read += used
         return messages
 
@@ -468,18 +460,12 @@ class Spool:
         ends = [move.end for move in self._moves] + [None]
         starts = [(self._file, self._read)] + [(move.file, move.start) for move in self._moves]
         for (file, offset), end in zip(starts, ends, strict=True):
-            size = READ_CHUNK
             while True:
-                want = size if end is None else min(size, end - offset)
-                data = os.pread(file, want, offset) if want > 0 else b""
-                records, used = decode(data)
-                if records:
-                    last, offset, size = encode(records[-1]), offset + used, READ_CHUNK
-                elif len(data) == size:  # a record larger than the chunk
-                    size *= 2
-                else:
+                messages, used = _read_records(file, offset, end)
+                if not messages:
                     break
-        return last
+                last, offset = messages[-1], offset + used
+        return encode(last) if last else b""
 
     def backlog(self) -> int:
         """Bytes written by the reader and not yet taken by the relay."""

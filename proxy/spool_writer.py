@@ -331,22 +331,23 @@ class _Stream:
             os.close(self.memory)
 
 
-def _next_request(control: socket.socket) -> tuple[bytes, list[int]] | None:
-    """A request that waits and the descriptor sent with it; None if none waits.
-    (socket.recv_fds ignores its flags before Python 3.12.)"""
+def receive(control: socket.socket, size: int) -> tuple[bytes, list[int]] | None:
+    """A packet of at most `size` bytes that waits on the socket pair, and the descriptors sent
+    with it; None if none waits; an empty packet if the other end is gone (closed, or reset:
+    it died with a packet unread). (socket.recv_fds ignores its flags before Python 3.12.)"""
     fds = array.array("i")
     try:
-        request, ancillary, _, _ = control.recvmsg(
-            _MAX_REQUEST, socket.CMSG_LEN(fds.itemsize), socket.MSG_DONTWAIT
+        packet, ancillary, _, _ = control.recvmsg(
+            size, socket.CMSG_LEN(fds.itemsize), socket.MSG_DONTWAIT
         )
     except BlockingIOError:
         return None
-    except OSError:  # reset: the proxy died with a packet of ours unread
+    except OSError:
         return b"", []
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-    return request, list(fds)
+    return packet, list(fds)
 
 
 def serve(control: socket.socket, orphan_seconds: float = ORPHAN_SECONDS) -> None:
@@ -375,7 +376,7 @@ def serve(control: socket.socket, orphan_seconds: float = ORPHAN_SECONDS) -> Non
                 s.unwritten or s.seeking for s in streams.values()
             )
             ready = dict(poller.poll(100 if orphaned_at is not None else 1000 if waiting else None))
-            while orphaned_at is None and (received := _next_request(control)) is not None:
+            while orphaned_at is None and (received := receive(control, _MAX_REQUEST)) is not None:
                 request, fds = received
                 if not request and all(s.kept is not None for s in streams.values()):
                     return  # a standby (the primary keeps the dead proxy's output)

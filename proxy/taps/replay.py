@@ -193,6 +193,16 @@ def _message(row: tuple[Any, ...], buffers: list[bytes]) -> Message:
     )
 
 
+def _remember(
+    sessions: collections.OrderedDict[tuple[str, str], int], key: tuple[str, str], seq: int
+) -> None:
+    """Keep a session's sequence number, the most recently used `MAX_REMEMBERED_POSITIONS`."""
+    sessions[key] = seq
+    sessions.move_to_end(key)
+    if len(sessions) > MAX_REMEMBERED_POSITIONS:
+        sessions.popitem(last=False)
+
+
 class Replayer(Tap):
     """Delivery positions, history and restored kernel memory, read from the log."""
 
@@ -224,18 +234,11 @@ class Replayer(Tap):
     def delivery_confirmed(self, client: Client, seq: int) -> None:
         if client.session_id is not None:
             key = (client.kernel_id, client.session_id)
-            self.positions[key] = max(seq, self.positions.get(key, 0))
-            self.positions.move_to_end(key)
-            if len(self.positions) > MAX_REMEMBERED_POSITIONS:
-                self.positions.popitem(last=False)
+            _remember(self.positions, key, max(seq, self.positions.get(key, 0)))
 
     def client_left(self, client: Client) -> None:
         if client.session_id is not None and client.sent_seq > client.confirmed_seq:
-            key = (client.kernel_id, client.session_id)
-            self.sent[key] = client.sent_seq
-            self.sent.move_to_end(key)
-            if len(self.sent) > MAX_REMEMBERED_POSITIONS:
-                self.sent.popitem(last=False)
+            _remember(self.sent, (client.kernel_id, client.session_id), client.sent_seq)
 
     # --- reading, on the reader thread -----------------------------------------------------
 
