@@ -325,7 +325,7 @@ class KernelRelay:
         self.taps = taps
         self.ledger = ledger
         self.clients: dict[str, Client] = {}
-        self._outbox: collections.deque[Message] = collections.deque()  # logged, to be sent
+        self._outbox: collections.deque[Message] = collections.deque()  # sent once logged
         self._forwarding: asyncio.Task[None] | None = None
         self.linked_at = time.monotonic()
         memory = memory or KernelMemory()
