@@ -14,8 +14,9 @@ Each kernel's file (private to its user, named ``<kernel>.<reader pid>.<n>.spool
 spool directory beside the log, made by the proxy and handed over with its descriptor) is
 written only by the primary and read only by the proxy. The socket pair between them carries
 the proxy's *open*, *close*, *stop* and *read all* ``(epoch, offset)`` (sent when everything
-there is committed to the log) and the reader's *more* ``(epoch)``, once it wrote more after
-that, and *moved* (a memory file while the disk refuses writes, and back). The reader empties
+there is committed to the log) and the reader's *emptied* ``(epoch)`` (before it writes anew
+into a file it emptied), *more* ``(epoch)``, once it wrote more after that, and *moved* (a
+memory file while the disk refuses writes, and back). The reader empties
 a file only when all of it is in the log, and starts a new epoch, so the proxy knows to read
 from the start again. So what is in the files survives the proxy: when it is killed, its
 reader goes on writing, and the next proxy takes each kernel over from it
@@ -44,6 +45,7 @@ from .spool_writer import (
     CLOSE,
     DONE,
     DROPPED,
+    EMPTIED,
     MORE,
     MOVED_TO_MEMORY,
     NOTICE,
@@ -197,6 +199,8 @@ class SpoolReader:
                     os.close(file)
             elif kind == MORE:
                 spool.woken(epoch)
+            elif kind == EMPTIED:
+                spool.emptied(epoch)
             elif file is not None:
                 spool.moved(epoch, end, start, file, to_memory=kind == MOVED_TO_MEMORY)
 
@@ -492,9 +496,13 @@ class Spool:
         finally:
             self._woken = None
 
-    def woken(self, epoch: int) -> None:
-        if epoch != self._epoch and not self._moves:  # the reader emptied the file
+    def emptied(self, epoch: int) -> None:
+        """The reader emptied the file (all of it was logged): read it from the start."""
+        if epoch != self._epoch and not self._moves:
             self._epoch, self._read = epoch, 0
+
+    def woken(self, epoch: int) -> None:
+        self.emptied(epoch)
         self._wake()
 
     def _wake(self) -> None:

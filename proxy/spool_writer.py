@@ -45,11 +45,13 @@ REQUEST = struct.Struct("<BQQQ")
 #: message into this file, then go on as the primary did.
 OPEN, READ_ALL, CLOSE, STOP, WAIT, PROMOTE = 1, 2, 3, 4, 5, 6
 #: reader -> proxy: kind, stream, epoch, end, start. MORE (epoch): there is more to read.
+#: EMPTIED (epoch): the file was emptied after a READ_ALL, and goes on as `epoch` (sent before
+#: anything new is written into it, so a proxy never reads new records at an old offset).
 #: MOVED_TO_MEMORY / MOVED_TO_DISK (epoch, end, start), with a descriptor: the file ends at
 #: `end`; what follows is in this one (a memory file while the disk refuses writes, the
 #: spool file again once it takes them) from `start`, as `epoch`
 NOTICE = struct.Struct("<BQQQQ")
-MORE, MOVED_TO_MEMORY, MOVED_TO_DISK = 1, 2, 3
+MORE, MOVED_TO_MEMORY, MOVED_TO_DISK, EMPTIED = 1, 2, 3, 4
 #: Messages taken off one socket per write.
 BATCH = 1000
 _MAX_REQUEST = 4096
@@ -70,9 +72,9 @@ DISK_RETRY = 1.0
 #: What the standby keeps of each kernel's output: at most so many bytes, so many seconds.
 STANDBY_BYTES = 32 * 1024 * 1024
 STANDBY_SECONDS = 30.0
-#: How long a promoted standby waits for the dead primary's last message to reach it too
-#: (then it writes all it kept: that message came before the standby subscribed).
-SEEK_SECONDS = 2.0
+#: How long a promoted standby, once it has read all its socket had, still waits for the dead
+#: primary's last message (then it writes all it kept: that message came before it subscribed).
+SEEK_SECONDS = 0.5
 
 
 def digest(record: bytes) -> bytes:
@@ -128,8 +130,9 @@ class _Stream:
             collections.deque() if file is None else None
         )
         self.kept_bytes = 0
-        #: promoted: the dead primary's last message, to be seen first, and until when
-        self.seeking: tuple[bytes, float] | None = None
+        #: promoted: the digest of the dead primary's last message, to be seen first, and until
+        #: when (None until the socket has been read empty once)
+        self.seeking: tuple[bytes, float | None] | None = None
         self.memory: int | None = None  # the memory file, while the disk refuses writes
         self.disk_end = 0  # meanwhile: where the spool file's content ends
         self.retry_disk_at = 0.0
@@ -142,9 +145,10 @@ class _Stream:
         #: what the proxy is to be told: (kind, epoch, end, start, descriptor)
         self.notices: list[tuple[int, int, int, int, int | None]] = []
 
-    def read_all(self, epoch: int, offset: int, logged: bool) -> None:
+    def read_all(self, epoch: int, offset: int, logged: bool) -> bool:
         """The proxy has read up to (epoch, offset) and waits for more; `logged`: its log
-        has all of that, so if that is all, start over (in memory, the spool file too)."""
+        has all of that, so if that is all, start over (in memory, the spool file too).
+        Whether it did (the proxy is then told before anything new is written)."""
         self.waiter = (epoch, offset)
         if logged and self.waiter == (self.epoch, self.written) and self.written:
             os.ftruncate(self.file, 0)
@@ -153,6 +157,8 @@ class _Stream:
                 self.disk_end = 0
                 self.dropping = False
             self.epoch, self.written = self.epoch + 1, 0
+            return True
+        return False
 
     def catch_replies(self, context: zmq.Context) -> None:
         """The proxy died: take its place for the kernel's replies (its sockets' identity; the
@@ -193,7 +199,8 @@ class _Stream:
         file."""
         assert self.kept is not None
         now = time.monotonic()
-        with contextlib.suppress(zmq.Again):
+        read_empty = False
+        try:
             for _ in range(limit):
                 record = encode(self.socket.recv_multipart(zmq.NOBLOCK))
                 self.kept.append((now, record))
@@ -202,8 +209,13 @@ class _Stream:
                     self.kept.clear()  # (the primary wrote all of that)
                     self._file_what_was_kept()
                     return
+        except zmq.Again:
+            read_empty = True
         if self.seeking is not None:
-            if now > self.seeking[1]:
+            last, until = self.seeking
+            if until is None and read_empty:  # all published before the primary died is here
+                self.seeking = (last, now + SEEK_SECONDS)
+            elif until is not None and now > until:
                 log.warning("%s: the dead reader's last message never came; writing the last "
                             "%d messages kept", self.path, len(self.kept))  # fmt: skip
                 self._file_what_was_kept()
@@ -215,18 +227,19 @@ class _Stream:
 
     def promote(self, path: str, file: int, last: bytes) -> None:
         """The primary died: what came after its last message (`last`: the digest of it, or
-        empty if it wrote none) goes into `file`, then what comes, as the primary wrote it."""
+        empty if it wrote none) goes into `file`, then what comes, as the primary wrote it.
+        Not found among what was kept, it is looked for in what comes: the standby may be
+        behind (it is not read to the end here: in a flood that end never comes)."""
         assert self.kept is not None
         self.path, self.disk, self.file = path, file, file
-        self._keep(limit=sys.maxsize)
         if last:
             for index in range(len(self.kept) - 1, -1, -1):
                 if digest(self.kept[index][1]) == last:
                     for _ in range(index + 1):
                         self.kept.popleft()
                     break
-            else:  # not here yet (or long gone): it is looked for in what comes
-                self.seeking = (last, time.monotonic() + SEEK_SECONDS)
+            else:
+                self.seeking = (last, None)
                 return
         self._file_what_was_kept()
 
@@ -375,7 +388,7 @@ def serve(control: socket.socket, orphan_seconds: float = ORPHAN_SECONDS) -> Non
             waiting = orphaned_at is not None or any(
                 s.unwritten or s.seeking for s in streams.values()
             )
-            ready = dict(poller.poll(100 if orphaned_at is not None else 1000 if waiting else None))
+            ready = dict(poller.poll(100 if waiting else None))
             while orphaned_at is None and (received := receive(control, _MAX_REQUEST)) is not None:
                 request, fds = received
                 if not request and all(s.kept is not None for s in streams.values()):
@@ -395,7 +408,9 @@ def serve(control: socket.socket, orphan_seconds: float = ORPHAN_SECONDS) -> Non
                     path, last = request[REQUEST.size :].decode().split("\0")
                     streams[key].promote(path, fds[0], bytes.fromhex(last))
                 elif kind in (READ_ALL, WAIT) and key in streams:
-                    streams[key].read_all(epoch, offset, logged=kind == READ_ALL)
+                    stream = streams[key]
+                    if stream.read_all(epoch, offset, logged=kind == READ_ALL):
+                        control.send(NOTICE.pack(EMPTIED, key, stream.epoch, 0, 0))
                 elif kind == CLOSE and key in streams:
                     stream = streams.pop(key)
                     poller.register(stream.socket, 0)  # (0: no longer polled)

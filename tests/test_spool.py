@@ -23,11 +23,13 @@ from proxy import spool, spool_writer
 from proxy.spool import Spool, SpoolReader
 from proxy.spool_writer import (
     DROPPED,
+    EMPTIED,
     MORE,
     MOVED_TO_DISK,
     MOVED_TO_MEMORY,
     NOTICE,
     OPEN,
+    READ_ALL,
     REQUEST,
     STOP,
     WAIT,
@@ -253,6 +255,69 @@ def _file_holds(file: int, count: int, start: int = 0) -> list[list[bytes]]:
             return held
         threading.Event().wait(0.1)
     return held
+
+
+def test_a_promoted_standby_writes_at_once_what_came_after_the_primary(
+    publishers: list[tuple[zmq.Socket, str]], tmp_path: Path
+) -> None:
+    """Promoted, the standby writes what it kept after the dead primary's last message at once,
+    without first reading its socket to the end: in a flood that end never comes, and a
+    standby killed meanwhile took what only it had with it."""
+    (xpub, address), _ = publishers
+    context = zmq.Context()
+    standby = spool_writer._Stream(context, [address, ""], None)
+    try:
+        subscribed(xpub)
+        sent = messages(5000, b"s")
+        for frames in sent:
+            xpub.send_multipart(frames)
+        while standby.kept is not None and len(standby.kept) < spool_writer.BATCH:
+            standby.pump()  # it keeps a batch; the rest still waits in its socket
+        path = tmp_path / "promoted.spool"
+        file = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        standby.promote(str(path), file, spool_writer.digest(encode(sent[500])))
+        assert decode(path.read_bytes())[0] == sent[501 : spool_writer.BATCH]
+        while len(decode(path.read_bytes())[0]) < len(sent) - 501:
+            standby.pump()  # then on, as a primary
+        assert decode(path.read_bytes())[0] == sent[501:]
+    finally:
+        standby.close()
+        context.term()
+
+
+def test_an_emptied_file_is_announced_before_it_is_written_again(
+    publishers: list[tuple[zmq.Socket, str]], tmp_path: Path
+) -> None:
+    """Once the proxy has logged all of a file, the reader empties it and says so at once: a
+    reader killed after writing anew, before its next MORE, would otherwise leave the proxy
+    reading new records at the old offset."""
+    (xpub, address), _ = publishers
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    reader = threading.Thread(target=serve, args=(theirs,))
+    reader.start()
+    file = os.open(tmp_path / "kernel.spool", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        opening = REQUEST.pack(OPEN, 1, 0, 0) + f"{address}\0{tmp_path}/kernel.spool".encode()
+        socket.send_fds(ours, [opening], [file])
+        ours.send(REQUEST.pack(WAIT, 1, 0, 0))
+        subscribed(xpub)
+        first = messages(10, b"a")
+        for frames in first:
+            xpub.send_multipart(frames)
+        assert _notice(ours)[0][:3] == (MORE, 1, 0)
+        written = sum(len(encode(frames)) for frames in _file_holds(file, len(first)))
+        ours.send(REQUEST.pack(READ_ALL, 1, 0, written))
+        assert _notice(ours)[0][:3] == (EMPTIED, 1, 1)
+        xpub.send_multipart([b"b", b"0"])
+        assert _notice(ours)[0][:3] == (MORE, 1, 1)
+        assert _file_holds(file, 1) == [[b"b", b"0"]]
+    finally:
+        ours.send(REQUEST.pack(STOP, 0, 0, 0))
+        reader.join(10)
+        ours.close()
+        theirs.close()
+        os.close(file)
+    assert not reader.is_alive()
 
 
 def test_a_full_disk_moves_the_output_to_memory_and_back(
