@@ -86,14 +86,16 @@ class ProxyProcess:
         self.process.wait(30)
 
 
-async def flood(base: str, kernel_id: str, token: str, lines: int) -> tuple[float, int]:
+async def flood(
+    base: str, kernel_id: str, token: str, lines: int, token_in_header: bool = False
+) -> tuple[float, int]:
     """Seconds until execute_reply and the last line, and the number of lines received.
 
     The idle status can be lost too (the kernel's PUB drops for a slow subscriber), so after the
     reply, three seconds without a message also end the wait; the time is that of the last
     message received.
     """
-    client = await open_channels(base, kernel_id, token)
+    client = await open_channels(base, kernel_id, token, token_in_header=token_in_header)
     try:
         code = f"for i in range({lines}):\n    print(i, flush=True)"
         started = time.perf_counter()
@@ -125,8 +127,10 @@ async def flood(base: str, kernel_id: str, token: str, lines: int) -> tuple[floa
         await client.close()
 
 
-async def roundtrips(base: str, kernel_id: str, token: str, count: int) -> list[float]:
-    client = await open_channels(base, kernel_id, token)
+async def roundtrips(
+    base: str, kernel_id: str, token: str, count: int, token_in_header: bool = False
+) -> list[float]:
+    client = await open_channels(base, kernel_id, token, token_in_header=token_in_header)
     latencies = []
     try:
         for _ in range(count):

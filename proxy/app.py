@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import os
 import re
@@ -28,6 +29,7 @@ from jupyter_core.application import JupyterApp
 from jupyter_core.paths import jupyter_runtime_dir
 from traitlets import Bool, Enum, Float, Integer, List, Unicode, default
 from traitlets.config.loader import KVArgParseConfigLoader, _KVArgParser
+from yarl import URL
 
 from . import __version__
 from .allocator import return_free_memory
@@ -466,7 +468,7 @@ class ServeApp(ProxyApp):
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
             while not stop.is_set():
                 try:
-                    url, headers = upstream.api("api/kernels"), upstream.own_headers()
+                    url, headers = upstream.polled("api/kernels"), upstream.own_headers()
                     async with http.get(url, headers=headers) as resp:
                         status = resp.status
                 except (aiohttp.ClientError, asyncio.TimeoutError) as error:
@@ -503,39 +505,55 @@ _UNRETRIEVED = "Task exception was never retrieved"
 _YDOC_STOP = "RuntimeError: WebsocketServer not running"
 
 
-class LabApp(ProxyApp):
-    name = "jupyter-replay-proxy-lab"
-    description = "Start JupyterLab (with jupyter-collaboration) behind the proxy."
-    aliases = {**_common_aliases, "root-dir": "LabApp.root_dir"}
+def _dies_with_its_parent() -> None:
+    """Run in the spawned server before it starts: SIGTERM when the proxy dies, even by
+    kill -9 (Linux's parent-death signal, kept across exec), so that neither the server nor
+    its kernels outlive it unseen."""
+    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
-    root_dir = Unicode("", config=True, help="Directory JupyterLab serves (default: here).")
-    lab_args = List(
-        Unicode(), config=True, help="Extra command-line arguments for the spawned jupyter lab."
-    )
-    open_browser = Bool(False, config=True, help="Open a browser on the proxied URL.")
 
-    async def _spawn_lab(self, port: int, token: str) -> asyncio.subprocess.Process:
-        args = [
-            sys.executable, "-m", "jupyterlab", "--no-browser",
-            "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
-            "--ZMQChannelsWebsocketConnection.limit_rate=False",
-            *([f"--ServerApp.root_dir={self.root_dir}"] if self.root_dir else []),
-            *(["--allow-root"] if os.geteuid() == 0 else []),  # the user chose to run as root
-            *(
-                [f"--MappingKernelManager.allowed_message_types={self.allowed_message_types!r}"]
-                if self.allowed_message_types
-                else []
-            ),
-            *self.lab_args,
-        ]  # fmt: skip
-        env = {**os.environ, "JUPYTER_TOKEN": token}  # not on the command line, where ps shows it
+_PR_SET_PDEATHSIG = 1
+
+
+class _SpawningApp(ProxyApp):
+    """What `lab` and `singleuser` share: a jupyter-server spawned on a private loopback port,
+    its output echoed (tokens masked), the proxy in front of it, and one shutdown for both."""
+
+    #: how the spawned server is named in the proxy's messages and before its output lines
+    server_name = "jupyter lab"
+    echo_prefix = "[lab] "
+
+    def server_command(self, port: int) -> list[str]:
+        raise NotImplementedError
+
+    def server_env(self, port: int, token: str) -> dict[str, str]:
+        raise NotImplementedError
+
+    def upstream_url(self, port: int) -> str:
+        return f"http://127.0.0.1:{port}/"
+
+    def server_token(self) -> str:
+        return secrets.token_hex(24)
+
+    def welcome(self, token: str) -> str:
+        """What is printed once the server is up behind the proxy."""
+        return ""
+
+    def _allowed_message_types_args(self) -> list[str]:
+        if not self.allowed_message_types:
+            return []
+        return [f"--MappingKernelManager.allowed_message_types={self.allowed_message_types!r}"]
+
+    async def _spawn(self, port: int, token: str) -> asyncio.subprocess.Process:
         return await asyncio.create_subprocess_exec(
-            *args, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            *self.server_command(port), env=self.server_env(port, token),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_dies_with_its_parent if sys.platform == "linux" else None,
         )  # fmt: skip
 
     async def _echo(self, process: asyncio.subprocess.Process) -> None:
-        """JupyterLab's output, tokens masked, without one known traceback (below)."""
+        """The server's output, tokens masked, without one known traceback (below)."""
         assert process.stdout is not None
         held: list[str] = []
         async for raw in process.stdout:
@@ -547,10 +565,10 @@ class LabApp(ProxyApp):
                 held.append(line)
                 continue
             for waiting in [*held, line]:
-                sys.stderr.write("[lab] " + waiting)
+                sys.stderr.write(self.echo_prefix + waiting)
             held.clear()
         for waiting in held:
-            sys.stderr.write("[lab] " + waiting)
+            sys.stderr.write(self.echo_prefix + waiting)
 
     async def _stop_kernels(self, proxy: ReplayProxy, url: str, token: str) -> None:
         """Interrupt running cells and shut the kernels down through jupyter-server while
@@ -582,14 +600,16 @@ class LabApp(ProxyApp):
     async def _wait_ready(
         self, process: asyncio.subprocess.Process, url: str, token: str, stop: asyncio.Event
     ) -> bool:
-        """Whether JupyterLab came up (False: stopped meanwhile)."""
+        """Whether the server came up (False: stopped meanwhile)."""
         async with aiohttp.ClientSession() as http:
             for _ in range(600):
                 if stop.is_set():
                     return False
                 if process.returncode is not None:
                     raise CommandError(
-                        f"jupyter lab exited with {process.returncode} (see its output above)", 1
+                        f"{self.server_name} exited with {process.returncode} (see its output "
+                        "above)",
+                        1,
                     )
                 with contextlib.suppress(aiohttp.ClientError):
                     headers = {"Authorization": f"token {token}"}
@@ -597,49 +617,181 @@ class LabApp(ProxyApp):
                         if resp.status == 200:
                             return True
                 await asyncio.sleep(0.1)
-        raise CommandError("jupyter lab did not start within 60 s (see its output above)", 1)
+        raise CommandError(
+            f"{self.server_name} did not start within 60 s (see its output above)", 1
+        )
 
-    async def _stop_lab(self, process: asyncio.subprocess.Process) -> None:
+    async def _stop_server(self, process: asyncio.subprocess.Process) -> None:
         if process.returncode is not None:
             return
         process.terminate()  # jupyter-server shuts its kernels down on SIGTERM
         try:
             await asyncio.wait_for(process.wait(), 20)
         except asyncio.TimeoutError:
-            self.log.warning("jupyter lab did not stop in 20 s; killing it")
+            self.log.warning("%s did not stop in 20 s; killing it", self.server_name)
             process.kill()
             await process.wait()
 
     def start(self) -> None:
-        if self.root_dir and not Path(self.root_dir).is_dir():
-            raise CommandError(f"--root-dir {self.root_dir} is not a directory")
-        prepared = self.prepare()  # before JupyterLab is spawned: a port in use stops here
+        prepared = self.prepare()  # before the server is spawned: a port in use stops here
 
         async def main() -> None:
             stop = self._stop_event()
-            port, token = _free_port(), secrets.token_hex(24)
-            upstream_url = f"http://127.0.0.1:{port}/"
-            process = await self._spawn_lab(port, token)
+            port, token = _free_port(), self.server_token()
+            upstream_url = self.upstream_url(port)
+            process = await self._spawn(port, token)
             echo = asyncio.ensure_future(self._echo(process))
             try:
                 if not await self._wait_ready(process, upstream_url, token, stop):
                     return
                 exited = asyncio.ensure_future(process.wait())
                 exited.add_done_callback(lambda _: stop.set())
-                lab_url = f"http://{self.ip}:{self.port}/lab?token={token}"
-                if self.open_browser:
-                    import webbrowser
-
-                    webbrowser.open(lab_url)
                 await self.run_proxy(
-                    Upstream(upstream_url, token), stop, prepared, lab_url,
+                    Upstream(upstream_url, token), stop, prepared, self.welcome(token),
                     before_stopping=lambda proxy: self._stop_kernels(proxy, upstream_url, token),
                 )  # fmt: skip
             finally:
-                await self._stop_lab(process)
+                await self._stop_server(process)
                 echo.cancel()
 
         asyncio.run(main())
+
+
+class LabApp(_SpawningApp):
+    name = "jupyter-replay-proxy-lab"
+    description = "Start JupyterLab (with jupyter-collaboration) behind the proxy."
+    aliases = {**_common_aliases, "root-dir": "LabApp.root_dir"}
+
+    root_dir = Unicode("", config=True, help="Directory JupyterLab serves (default: here).")
+    lab_args = List(
+        Unicode(), config=True, help="Extra command-line arguments for the spawned jupyter lab."
+    )
+    open_browser = Bool(False, config=True, help="Open a browser on the proxied URL.")
+
+    def server_command(self, port: int) -> list[str]:
+        return [
+            sys.executable, "-m", "jupyterlab", "--no-browser",
+            "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
+            "--ZMQChannelsWebsocketConnection.limit_rate=False",
+            *([f"--ServerApp.root_dir={self.root_dir}"] if self.root_dir else []),
+            *(["--allow-root"] if os.geteuid() == 0 else []),  # the user chose to run as root
+            *self._allowed_message_types_args(),
+            *self.lab_args,
+        ]  # fmt: skip
+
+    def server_env(self, port: int, token: str) -> dict[str, str]:
+        return {**os.environ, "JUPYTER_TOKEN": token}  # not on the command line, where ps shows it
+
+    def welcome(self, token: str) -> str:
+        lab_url = f"http://{self.ip}:{self.port}/lab?token={token}"
+        if self.open_browser:
+            import webbrowser
+
+            webbrowser.open(lab_url)
+        return lab_url
+
+    def start(self) -> None:
+        if self.root_dir and not Path(self.root_dir).is_dir():
+            raise CommandError(f"--root-dir {self.root_dir} is not a directory")
+        super().start()
+
+
+#: What a JupyterHub spawner tells the single-user server in its environment (JupyterHub >= 2).
+_HUB_URL, _HUB_PREFIX, _HUB_TOKEN = (
+    "JUPYTERHUB_SERVICE_URL", "JUPYTERHUB_SERVICE_PREFIX", "JUPYTERHUB_API_TOKEN"
+)  # fmt: skip
+#: Our own options on a spawner's command line; every other argument goes to the server.
+_OURS = re.compile(r"--(ip|port|db|link|config|(SingleUserApp|ProxyApp|DatabaseApp)\.[\w.]+)(=|$)")
+
+
+class SingleUserApp(_SpawningApp):
+    """`jupyterhub-singleuser` behind the proxy, for `c.Spawner.cmd`: it listens where the hub
+    expects the user's server (``$JUPYTERHUB_SERVICE_URL``, or ``--ip``/``--port``) and starts
+    ``jupyterhub-singleuser`` on a private loopback port under the same base URL, with the
+    spawner's environment and every argument that is not its own. The hub's OAuth, cookies,
+    activity reports and health checks pass through; the proxy's own token for the server is
+    the server's ``$JUPYTERHUB_API_TOKEN``."""
+
+    name = "jupyter-replay-proxy-singleuser"
+    description = "Run jupyterhub-singleuser behind the proxy (as JupyterHub's Spawner.cmd)."
+    server_name = "jupyterhub-singleuser"
+    echo_prefix = "[singleuser] "
+
+    server_args = List(
+        Unicode(),
+        config=True,
+        help="Extra command-line arguments for jupyterhub-singleuser (the spawner's own "
+        "arguments that are not the proxy's are passed on too).",
+    )
+
+    def parse_command_line(self, argv: Any = None) -> None:
+        """The proxy's options are taken; the rest (Spawner.args: --allow-root,
+        --ServerApp.root_dir=...) is the server's."""
+        argv = list(sys.argv[1:] if argv is None else argv)
+        ours: list[str] = []
+        passed_on: list[str] = []
+        while argv:
+            argument = argv.pop(0)
+            matched = _OURS.match(argument)
+            if argument in ("-h", "--help", "--help-all"):
+                ours.append(argument)
+                continue
+            if matched is None:
+                passed_on.append(argument)
+                continue
+            ours.append(argument)
+            if not matched.group(3) and argv:  # `--port 8888`: the value is the next argument
+                ours.append(argv.pop(0))
+        super().parse_command_line(ours)
+        self.passed_on = passed_on
+
+    def _hub(self, name: str) -> str:
+        value = os.environ.get(name, "")
+        if not value:
+            raise CommandError(
+                f"${name} is not set: `singleuser` is started by a JupyterHub spawner "
+                '(c.Spawner.cmd = ["jupyter-replay-proxy", "singleuser"])'
+            )
+        return value
+
+    def initialize(self, argv: Any = None) -> None:
+        self.passed_on: list[str] = []
+        super().initialize(argv)
+        if self.subapp is not None:
+            return
+        if os.environ.get("JUPYTERHUB_SSL_KEYFILE"):
+            raise CommandError(
+                "JupyterHub's internal_ssl is not supported yet: the proxy would have to serve "
+                "the hub's certificate"
+            )
+        service = URL(self._hub(_HUB_URL))
+        if service.scheme != "http":
+            raise CommandError(f"${_HUB_URL} is {service}: the proxy serves http only")
+        self.prefix = self._hub(_HUB_PREFIX)
+        if not self.prefix.endswith("/"):
+            self.prefix += "/"
+        self.hub_token = self._hub(_HUB_TOKEN)
+        if "ip" not in self.config.ProxyApp and "ip" not in self.config.SingleUserApp:
+            self.ip = "" if service.host == "*" else service.host or ""  # "*": every interface
+        if "port" not in self.config.ProxyApp and "port" not in self.config.SingleUserApp:
+            self.port = service.port or 8888
+
+    def server_command(self, port: int) -> list[str]:
+        return [
+            sys.executable, "-m", "jupyterhub.singleuser",
+            "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
+            "--ZMQChannelsWebsocketConnection.limit_rate=False",
+            *self._allowed_message_types_args(), *self.passed_on, *self.server_args,
+        ]  # fmt: skip
+
+    def server_env(self, port: int, token: str) -> dict[str, str]:
+        return {**os.environ, _HUB_URL: f"http://127.0.0.1:{port}{self.prefix}"}
+
+    def upstream_url(self, port: int) -> str:
+        return f"http://127.0.0.1:{port}{self.prefix}"
+
+    def server_token(self) -> str:
+        return self.hub_token
 
 
 class MigrateApp(ProxyApp):
@@ -669,6 +821,7 @@ class ReplayProxyApp(StrictApp):
     subcommands = {
         "lab": (LabApp, LabApp.description),
         "serve": (ServeApp, ServeApp.description),
+        "singleuser": (SingleUserApp, SingleUserApp.description),
         "migrate": (MigrateApp, MigrateApp.description),
         "log": ("proxy.audit_app.LogApp", "Show logged kernel messages; --follow tails them."),
         "transcript": (

@@ -121,19 +121,24 @@ class Upstream:
     def own_headers(self) -> dict[str, str]:
         return {"Authorization": f"token {self.token}"} if self.token else {}
 
+    def polled(self, path: str) -> URL:
+        """An API URL the proxy polls on its own: not the user's activity, which
+        jupyter-server reports to JupyterHub (whose idle culler would never stop the server)."""
+        return self.api(path).with_query(no_track_activity="1")
+
     async def running_kernels(self) -> list[str]:
-        async with self.http.get(self.api("api/kernels"), headers=self.own_headers()) as resp:
+        async with self.http.get(self.polled("api/kernels"), headers=self.own_headers()) as resp:
             resp.raise_for_status()
             return [kernel["id"] for kernel in await resp.json()]
 
     async def sessions(self) -> list[dict[str, Any]]:
         """jupyter-server's sessions: which notebook (console, file) uses which kernel."""
-        async with self.http.get(self.api("api/sessions"), headers=self.own_headers()) as resp:
+        async with self.http.get(self.polled("api/sessions"), headers=self.own_headers()) as resp:
             resp.raise_for_status()
             return await resp.json()
 
     async def has_kernel(self, kernel_id: str) -> bool:
-        url = self.api(f"api/kernels/{kernel_id}")
+        url = self.polled(f"api/kernels/{kernel_id}")
         async with self.http.get(url, headers=self.own_headers()) as resp:
             return resp.status == 200
 

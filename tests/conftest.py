@@ -352,12 +352,16 @@ async def open_channels(
     session_id: str | None = None,
     replay: str | None = None,
     autoping: bool = True,
+    token_in_header: bool = False,
 ) -> KernelChannels:
-    http = aiohttp.ClientSession()
+    """A frontend's channels websocket; the token in the URL, as JupyterLab sends it, or
+    (`token_in_header`) in an Authorization header (JupyterHub 5 refuses it in the URL)."""
+    headers = {"Authorization": f"token {token}"} if token and token_in_header else {}
+    http = aiohttp.ClientSession(headers=headers)
     query = {"session_id": session_id or secrets.token_hex(8)}
     if replay is not None:
         query["replay"] = replay
-    if token is not None:
+    if token is not None and not token_in_header:
         query["token"] = token
     try:
         ws = await http.ws_connect(

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import aiohttp
 
+from proxy.app import SingleUserApp
+
 from .conftest import JupyterServer, free_port, open_channels, start_kernel, stream_text
 
 
@@ -230,6 +232,8 @@ def test_a_users_mistakes_are_one_clear_line(tmp_path: Path) -> None:
     assert "is not a directory" in said
     said = _mistake(tmp_path, "serve", db, "--ProxyApp.redact_patterns=['(']")
     assert "redact pattern '(' is not a regular expression" in said
+    said = _mistake(tmp_path, "singleuser", db)  # not started by a JupyterHub spawner
+    assert "$JUPYTERHUB_SERVICE_URL is not set" in said and "c.Spawner.cmd" in said
 
 
 def test_a_port_in_use_stops_lab_before_jupyterlab_starts(tmp_path: Path) -> None:
@@ -324,3 +328,14 @@ def test_status_and_stats_for_a_person(jupyter_server: JupyterServer, tmp_path: 
         timeout=60,
     )  # fmt: skip
     assert gone.returncode == 1 and "no proxy of yours runs on this machine" in gone.stderr
+
+
+def test_singleuser_takes_its_options_and_passes_the_rest_on() -> None:
+    """A spawner's command line is the sidecar's and the server's at once (Spawner.args)."""
+    app = SingleUserApp()
+    app.parse_command_line(
+        ["--port=9000", "--allow-root", "--ServerApp.root_dir=/srv", "--db", "/tmp/a.sqlite",
+         "--SingleUserApp.handoff_grace=2", "--debug", "--ip", "0.0.0.0"]
+    )  # fmt: skip
+    assert (app.port, app.ip, app.db, app.handoff_grace) == (9000, "0.0.0.0", "/tmp/a.sqlite", 2)
+    assert app.passed_on == ["--allow-root", "--ServerApp.root_dir=/srv", "--debug"]
