@@ -232,8 +232,9 @@ class ProxyApp(DatabaseApp):
     handoff_grace = Float(
         5.0,
         config=True,
-        help="Seconds the client that ran a cell may be gone (e.g. reconnecting) before the "
-        "proxy writes that execution's outputs in its place.",
+        help="Seconds the client that ran a cell may be gone after its connection dropped "
+        "(it may reconnect) before the proxy writes that execution's outputs in its place; "
+        "a client that closed its websocket on purpose (a tab closed) is taken over at once.",
     )
     redact_patterns = List(
         Unicode(),

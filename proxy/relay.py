@@ -151,6 +151,8 @@ class Client:
     expose_seq: bool = False  # a tool that asked for history also learns each message's seq
     preface: list[Message] = field(default_factory=list)  # current state, sent before anything
     closed: bool = False
+    #: it closed with a close frame of its own (a tab or document closed): no reconnect follows
+    said_goodbye: bool = False
     times_behind: int = 0
     resent: int = 0  # messages sent again at its resume: it had them, unacknowledged
     pending: set[str] = field(default_factory=set)  # its requests still waiting for a reply

@@ -64,6 +64,9 @@ CLOSE_TOO_BIG = 1009
 _SEQ = struct.Struct("<Q")
 _RESTART = re.compile(r"api/kernels/([^/]+)/restart")
 CLOSE_KERNEL_GONE = 1001
+#: Close codes of a frontend that closed on purpose (aiohttp reads a close frame without a
+#: code as 0): normal, going away (a tab closed), no status.
+_GOODBYE = (0, 1000, 1001, 1005)
 
 
 @dataclass
@@ -338,6 +341,7 @@ class ReplayProxy:
         try:
             await self._receive(client, relay, ws)
         finally:
+            client.said_goodbye = ws.close_code in _GOODBYE
             relay.detach(client)
             del self._sockets[client]
             pump.cancel()

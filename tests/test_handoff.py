@@ -165,16 +165,18 @@ async def test_no_writes_while_the_executing_client_stays(
     handoff, jupyter_server: JupyterServer
 ) -> None:
     running, kernel_id, name = handoff
+    folder = running.proxy.folder
+    assert folder is not None
     client = await open_channels(running.url, kernel_id, jupyter_server.token)
     try:
-        await client.execute("print('mine')", metadata={"cellId": "other"})
-        await asyncio.sleep(1.0)  # well past the grace period
-        assert running.proxy.folder is not None and not running.proxy.folder.rooms
+        msg_id = await _run_in_cell(client, PRINTING, "printing")
+        await client.collect(msg_id)  # 2 s, four grace periods, with its client there all along
+        assert folder.handoffs == 0 and not folder.rooms
     finally:
         await client.close()
     viewer = await _Viewer.open(jupyter_server, name)
     try:
-        assert _cell(viewer, "other")["outputs"] == []  # the client writes them, not the proxy
+        assert _cell(viewer, "printing")["outputs"] == []  # the client writes them, not the proxy
     finally:
         await viewer.close()
 
@@ -519,3 +521,31 @@ async def test_the_y_client_joins_again_after_an_upstream_restart(tmp_path: Path
         await room.close()
         await upstream.close()
         stop_jupyter_server(server)
+
+
+async def test_a_clean_close_is_taken_over_at_once(
+    aiohttp_server, jupyter_server: JupyterServer, tmp_path: Path
+) -> None:
+    """A tab that closes says goodbye (a close frame): no reconnect follows, so a collaborator
+    watching sees the outputs go on within a second, not after the grace period."""
+    name = "handoff-clean-close.ipynb"
+    _notebook(jupyter_server.root_dir, name, {"printing": PRINTING})
+    running = await make_proxy(
+        aiohttp_server, jupyter_server.url, jupyter_server.token, jupyter_server.runtime_dir,
+        tmp_path / "log.sqlite", link="zmq", handoff_grace=60,
+    )  # fmt: skip
+    kernel_id = await _session(jupyter_server, running.url, name)
+    viewer = await _Viewer.open(jupyter_server, name)
+    try:
+        client = await open_channels(running.url, kernel_id, jupyter_server.token)
+        msg_id = await _run_in_cell(client, PRINTING, "printing")
+        await _lines_printed(client, msg_id, 2)
+        await client.close()  # a close frame, code 1000
+        closed = asyncio.get_running_loop().time()
+        await _until(lambda: _text(_cell(viewer, "printing")) != "", timeout=5)
+        assert asyncio.get_running_loop().time() - closed <= 1.0
+        await _until(lambda: _cell(viewer, "printing").get("execution_state") == "idle")
+        assert _text(_cell(viewer, "printing")) == "".join(f"{i}\n" for i in range(8))
+    finally:
+        await viewer.close()
+        await _delete_kernel(jupyter_server, kernel_id)

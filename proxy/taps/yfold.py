@@ -2,8 +2,9 @@
 
 The handoff rule: while the client that sent an execute_request is connected, it writes that
 execution's outputs into the collaborative document; the proxy does not (a second writer
-duplicates them). When the client has been gone for ``grace`` seconds and one of its
-executions was unfinished when it left, the proxy takes the execution over: it writes the
+duplicates them). When the client has closed its websocket on purpose (a close frame: a tab
+closed), or has been gone for ``grace`` seconds (a dropped connection may come back), and one
+of its executions was unfinished when it left, the proxy takes the execution over: it writes the
 cell's outputs as the fold has them (replacing whatever is there: idempotent), keeps them live
 until its reply and its idle status, then sets the execution count and the idle state. An
 execution never writes into a cell that has been executed again since. An answer to an
@@ -163,9 +164,11 @@ class OutputFolder(Tap):
             for kernel in self.kernels.values()
             for e in kernel.executions.values()
         ):
+            # a frontend that said goodbye is not coming back: no grace to wait out
+            delay = 0.0 if client.said_goodbye else self.grace
             loop = asyncio.get_running_loop()
             self._takeovers[client.client_id] = loop.call_later(
-                self.grace, lambda: in_background(self._take_over(client))
+                delay, lambda: in_background(self._take_over(client))
             )
 
     def kernel_remembered(self, kernel_id: str, memory: KernelMemory) -> None:
