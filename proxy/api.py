@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from . import __version__, audit
-from .upstream import Upstream
+from .upstream import Upstream, json_error
 
 PAGE_DEFAULT, PAGE_MAX = 100, 1000
 
@@ -153,14 +153,6 @@ def _page(items: list[dict[str, Any]], query: audit.Filter) -> web.Response:
         {"items": items, "next_after": items[-1]["seq"] if full else None},
         dumps=lambda value: json.dumps(value, default=str),
     )
-
-
-def json_error(status: int, reason: str) -> web.HTTPException:
-    """An error of the proxy's own endpoints, as jupyter-server words them: {"message": ...}.
-    Statuses other than 400, 401 and 404 become 403."""
-    kinds = {400: web.HTTPBadRequest, 401: web.HTTPUnauthorized, 404: web.HTTPNotFound}
-    kind = kinds.get(status, web.HTTPForbidden)
-    return kind(text=json.dumps({"message": reason}), content_type="application/json")
 
 
 def _refusal(status: int) -> web.HTTPException:

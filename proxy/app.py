@@ -45,7 +45,8 @@ from .database import (
 )
 from .logs import route_to
 from .retention import Policy, parse_size
-from .server import AccessLogger, ProxySettings, ReplayProxy
+from .server import AccessLogger, ReplayProxy
+from .settings import ProxySettings
 from .taps.log import LogWriter, Redactor
 from .upstream import Upstream, redact
 

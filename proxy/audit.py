@@ -16,16 +16,12 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .fold import NotebookFold, join_text, stdin_echo
+from .fold import OUTPUT_MESSAGES, NotebookFold, join_text, stdin_echo
 from .upstream import is_placeholder_path
 
 if TYPE_CHECKING:
     from nbformat import NotebookNode
 
-_OUTPUT_TYPES = (
-    "stream", "display_data", "update_display_data", "execute_result", "error", "clear_output",
-    "execute_input",
-)  # fmt: skip
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -289,7 +285,7 @@ def _fold(
     since is not shown, as a frontend drops it."""
     notebook = NotebookFold()
     by_msg_id = {execution.msg_id: execution for execution in found}
-    output_types = ", ".join(f"'{kind}'" for kind in _OUTPUT_TYPES)
+    output_types = ", ".join(f"'{kind}'" for kind in sorted(OUTPUT_MESSAGES))
     events: list[tuple[int, Execution, str | None, str | None]] = [
         (execution.seq, execution, None, None) for execution in found
     ]

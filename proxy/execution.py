@@ -26,12 +26,12 @@ from typing import Any
 from aiohttp import web
 from jupyter_client.session import Session
 
-from .api import json_error
 from .codecs import KERNEL_CHANNELS, Message, message_from_parts, readdressed
-from .relay import Client, Relay, Tap
-from .taps.yfold import OutputFolder
-from .upstream import Upstream, credential_headers, is_kernel_id
-from .yroom import CollaborationUnavailable
+from .fold import OUTPUT_MESSAGES, NotebookFold
+from .relay import FROM_KERNEL, Client, Relay, Requester, Tap
+from .rooms import RoomPool
+from .upstream import Upstream, credential_headers, is_kernel_id, json_error
+from .yroom import CollaborationUnavailable, NotebookRoom
 
 log = logging.getLogger("jupyter_replay_proxy.execution")
 
@@ -50,7 +50,9 @@ class _Job:
     result: dict[str, Any] | None = None
     request_id: str | None = None  # its execute_request's msg_id, once sent
     client: Client | None = None
-    reply: asyncio.Future[Message] | None = None
+    #: its reply (None: the kernel restarted or died first), once the execution finished
+    finished: asyncio.Future[Message | None] | None = None
+    outputs: NotebookFold = field(default_factory=NotebookFold)  # what it printed, folded
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -61,18 +63,19 @@ class ServerExecutor(Tap):
         self,
         relay: Relay,
         upstream: Upstream,
-        folder: OutputFolder,
+        rooms: RoomPool,
         notebook_of: Callable[[str], str | None],
         backlog: Any,
         last_seq: Callable[[], int],
     ) -> None:
         self.relay = relay
         self.upstream = upstream
-        self.folder = folder
+        self.rooms = rooms
         self.notebook_of = notebook_of
         self.backlog = backlog
         self.last_seq = last_seq
         self.jobs: dict[str, _Job] = {}
+        self._running: dict[str, _Job] = {}  # by the msg_id of its execute_request
         self._queues: dict[str, asyncio.Queue[_Job]] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
         self.outcomes: collections.Counter[str] = collections.Counter()  # ok, error, failed...
@@ -191,11 +194,44 @@ class ServerExecutor(Tap):
         _, identity = await self.upstream.identity(request)
         return (identity or {}).get("username")
 
-    def kernel_restarted(self, kernel_id: str) -> None:
-        """A restart through the proxy: the running request will get no reply."""
-        for job in self.jobs.values():
-            if job.kernel_id == kernel_id and job.reply is not None and not job.reply.done():
-                job.reply.set_exception(RuntimeError("the kernel was restarted"))
+    # --- relay events: the executions it runs ---------------------------------------------------
+
+    def message_relayed(
+        self,
+        seq: int,
+        kernel_id: str,
+        direction: str,
+        message: Message,
+        client: Requester | None,
+        received_at: float,
+    ) -> None:
+        """Fold what a running execution prints; show its input() prompt to every frontend."""
+        if direction != FROM_KERNEL:
+            if message.msg_type == "input_reply":
+                for job in self._running.values():
+                    if job.kernel_id == kernel_id:
+                        content = message.content()
+                        if isinstance(content, dict):
+                            job.outputs.answered(message.parent_msg_id or "", content)
+            return
+        job = self._running.get(message.parent_msg_id or "")
+        if job is None:
+            return
+        content = message.content()
+        if message.channel == "iopub" and message.msg_type in OUTPUT_MESSAGES:
+            if isinstance(content, dict):
+                job.outputs.apply(job.uid, message.msg_type, content)
+        elif message.msg_type == "input_request" and isinstance(content, dict):
+            job.outputs.asked(job.uid, message.msg_id, content)
+            relay = self.relay.kernels.get(kernel_id)
+            for other in list(relay.clients.values()) if relay is not None else []:
+                if other.protocol != INTERNAL:
+                    self._ask(other, job, message)
+
+    def execution_finished(self, kernel_id: str, msg_id: str, reply: Message | None) -> None:
+        job = self._running.pop(msg_id, None)
+        if job is not None and job.finished is not None and not job.finished.done():
+            job.finished.set_result(reply)
 
     # --- input() prompts for frontends ----------------------------------------------------------
 
@@ -262,88 +298,69 @@ class ServerExecutor(Tap):
         code = job.code
         if job.cell_id is not None:
             assert job.path is not None
-            room = await self.folder.join(job.path)
+            room = await self.rooms.join(job.path)
             ycell = room.cell(job.cell_id)
             if ycell is None:
-                self.folder.leave(job.path)
+                self.rooms.leave(job.path)
                 raise LookupError(f"no cell {job.cell_id} in {job.path}")
             if code is None:
                 code = str(ycell["source"])
+        try:
+            return await self._send(job, code or "", room)
+        finally:
+            if room is not None:
+                self.rooms.leave(room.path)
+
+    async def _send(self, job: _Job, code: str, room: NotebookRoom | None) -> dict[str, Any]:
+        """Run the code as a client of the proxy's own, named after the caller, writing into
+        the notebook (`room`, joined) as the only writer; the result once it finished."""
         relay = await self.relay.kernel(job.kernel_id)
         client = job.client = Client(
             uuid.uuid4().hex, job.kernel_id, f"replay-proxy-execute-{job.uid}", INTERNAL,
-            username=job.username,
+            username=job.username, notebook_path=room.path if room is not None else None,
         )  # fmt: skip
         metadata = {"cellId": job.cell_id} if job.cell_id else {}
         request = _message(
             "shell", "execute_request",
-            {"code": code or "", "silent": False, "store_history": True, "user_expressions": {},
+            {"code": code, "silent": False, "store_history": True, "user_expressions": {},
              "allow_stdin": True, "stop_on_error": True},
             job.username, metadata=metadata,
         )  # fmt: skip
         job.request_id = request.msg_id
-        if room is not None:
-            self.folder.claim(request.msg_id, room)
+        job.finished = asyncio.get_running_loop().create_future()
+        job.outputs.start(job.uid)
+        self._running[request.msg_id] = job
         relay.attach(client)
         client.sent_seq = self.last_seq()
-        reply: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-        job.reply = reply
-        seen: dict[str, Message] = {}  # the request's execute_reply and idle status, once come
 
-        async def receive(message: Message) -> None:
-            """The reply (shell) can overtake the request's last outputs (iopub); the kernel's
-            idle status for the request follows all of them, so the job ends at both."""
-            if reply.done():
-                return
-            state = (
-                message.content().get("execution_state") if message.msg_type == "status" else None
-            )
-            if state in ("restarting", "dead"):  # no reply, or no idle, will come
-                if "execute_reply" in seen:
-                    reply.set_result(seen["execute_reply"])
-                else:
-                    reply.set_exception(RuntimeError(f"the kernel is {state}"))
-                return
-            if message.parent_msg_id != request.msg_id:
-                return
-            if message.msg_type == "input_request":
-                for other in list(relay.clients.values()):
-                    if other.protocol != INTERNAL:
-                        self._ask(other, job, message)
-            elif message.msg_type == "execute_reply":
-                seen["execute_reply"] = message
-            elif state == "idle":
-                seen["idle"] = message
-            if len(seen) == 2:
-                reply.set_result(seen["execute_reply"])
+        async def ignore(message: Message) -> None:
+            """What the relay sends its client: followed as a tap (above) instead."""
 
         async def confirm(seq: int) -> None:
             relay.confirm_delivery(client, seq)
 
-        pump = asyncio.ensure_future(client.pump(receive, confirm, self.backlog, self.last_seq))
+        pump = asyncio.ensure_future(client.pump(ignore, confirm, self.backlog, self.last_seq))
         try:
             relay.from_client(client, request)
-            answer = await reply
+            reply = await job.finished
         finally:
+            self._running.pop(request.msg_id, None)
             relay.detach(client)
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
-        content = answer.content()
+        if reply is None:
+            raise RuntimeError("the kernel restarted or died before it answered")
+        content = reply.content()
+        job.outputs.finish(job.uid, content)
         result = {
             "status": content.get("status"),
             "execution_count": content.get("execution_count"),
+            "outputs": job.outputs.cell(job.uid).outputs,
         }
-        if job.cell_id is not None and room is not None:
-            # a room joined again meanwhile has a fresh document: once it is synced, the folder
-            # (waiting on the same event, first) has rewritten the cell
-            with contextlib.suppress(asyncio.TimeoutError):
+        if room is not None:  # done means done in the notebook too: whoever opens it next
+            with contextlib.suppress(asyncio.TimeoutError):  # sees these outputs
                 await asyncio.wait_for(room.synced.wait(), 10)
-            await asyncio.sleep(0)
-            ycell = room.cell(job.cell_id)
-            result["outputs"] = ycell["outputs"].to_py() if ycell is not None else []
-            # done means done in the notebook too: whoever opens it next sees these outputs
-            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(room.sent(), 10)
         if content.get("status") == "error":
             result.update({k: content.get(k) for k in ("ename", "evalue", "traceback")})

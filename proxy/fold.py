@@ -164,6 +164,7 @@ class NotebookFold:
         self.cells: dict[str, CellOutputs] = {}
         self.edits: list[Edit] = []
         self._displays: dict[str, list[tuple[str, int]]] = {}
+        self._prompts: dict[str, tuple[str, dict[str, Any]]] = {}  # input_request id: cell, it
 
     def cell(self, cell_id: str) -> CellOutputs:
         return self.cells.setdefault(cell_id, CellOutputs())
@@ -172,6 +173,7 @@ class NotebookFold:
         """Drop a cell nobody will write into any more (its display ids with it)."""
         self.cells.pop(cell_id, None)
         self._forget_displays(cell_id)
+        self._forget_prompts(cell_id)
 
     def take_edits(self) -> list[Edit]:
         edits, self.edits = self.edits, []
@@ -183,8 +185,27 @@ class NotebookFold:
         """An execution of the cell begins: JupyterLab clears its outputs and shows ``[*]``."""
         cell = self.cell(cell_id)
         self._clear(cell_id, cell)
+        self._forget_prompts(cell_id)
         cell.running = True
         cell.execution_count = None
+
+    def asked(self, cell_id: str, prompt_id: str, request: dict[str, Any]) -> None:
+        """The cell's execution asks for input (an input_request, `prompt_id` its msg_id)."""
+        self._prompts[prompt_id] = (cell_id, request)
+
+    def answered(self, prompt_id: str, reply: dict[str, Any]) -> str | None:
+        """The answer to a prompt of this fold's, echoed into its cell as JupyterLab shows it
+        (a stdin stream of prompt and value); the cell, or None if the prompt is not known."""
+        asked = self._prompts.pop(prompt_id, None)
+        if asked is None:
+            return None
+        cell_id, request = asked
+        self.apply(cell_id, "stream", stdin_echo(request, reply))
+        return cell_id
+
+    def _forget_prompts(self, cell_id: str) -> None:
+        for prompt_id in [p for p, (cell, _) in self._prompts.items() if cell == cell_id]:
+            del self._prompts[prompt_id]
 
     def finish(self, cell_id: str, reply: dict[str, Any] | None) -> None:
         """The execute_reply came (``reply`` is its content), or the execution was abandoned."""

@@ -2,9 +2,10 @@
 
 - :class:`ZmqLink` talks to the kernel itself over zmq, signed with the key of its connection
   file. Nothing stands between it and the kernel, so nothing is dropped: jupyter-server's
-  websocket rate limit never applies. While frontends are attached it also holds one channels
-  websocket to jupyter-server (the *presence*), so the server counts the kernel as connected
-  (its culler) and so the status messages only the server makes (restarting, dead) reach them.
+  websocket rate limit never applies. For as long as it links the kernel it also holds one
+  channels websocket to jupyter-server (the *presence*), so the server counts the kernel as
+  connected (its culler) and so the status messages only the server makes (restarting, dead)
+  reach the relay, which decides what they mean (:mod:`proxy.lifecycle`).
 - :class:`WebsocketLink` is one channels websocket to jupyter-server, for kernels whose
   connection file the proxy cannot read (remote, gateway). It keeps one session_id for good and
   reconnects under it, so jupyter-server's own buffer covers a gap; the rate limit applies.
@@ -37,6 +38,7 @@ from .codecs import (
     decode_v1,
     message_from_parts,
 )
+from .lifecycle import SERVER_STATES, execution_state
 from .relay import in_background
 from .spool import SpoolReader
 from .spool_writer import REPLY
@@ -44,7 +46,7 @@ from .upstream import Upstream
 
 log = logging.getLogger("jupyter_replay_proxy.links")
 
-_SERVER_STATES = (b'"restarting"', b'"autorestarting"', b'"dead"')
+_SERVER_STATES = tuple(json.dumps(state).encode() for state in SERVER_STATES)
 _BACKOFF_MAX = 5.0
 _STDIN_WAIT = 2.0  # seconds requests wait for the stdin socket once the kernel's iopub flows
 _JOIN_WAIT = 2.0  # seconds zmq output waits for the presence to hand over jupyter-server's buffer
@@ -79,13 +81,6 @@ def _address(info: dict[str, Any], port_name: str) -> str:
     """A kernel socket's address, as jupyter_client makes it from a connection file."""
     ip, port = info["ip"], info[port_name]
     return f"tcp://{ip}:{port}" if info.get("transport", "tcp") == "tcp" else f"ipc://{ip}-{port}"
-
-
-def is_server_state(message: Message) -> bool:
-    """A status only jupyter-server makes: the kernel was restarted, or is dead."""
-    return message.msg_type == "status" and message.content().get("execution_state") in (
-        "restarting", "autorestarting", "dead",
-    )  # fmt: skip
 
 
 class RecentIds:
@@ -166,9 +161,8 @@ class _Presence:
     def _server_status(self, frame: bytes) -> None:
         with contextlib.suppress(FrameError):
             message = decode_v1(frame, allowed_channels=KERNEL_CHANNELS, validate_body=False)
-            if message.channel == "iopub" and is_server_state(message):
+            if execution_state(message) in SERVER_STATES:  # the relay follows what it means
                 self.link.deliver(message)
-                self.link.resync()
 
     async def close(self) -> None:
         task, self.task = self.task, None

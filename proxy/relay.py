@@ -2,8 +2,10 @@
 
 It knows nothing of HTTP, SQLite or zmq. A :class:`KernelRelay` routes what a kernel sends
 (iopub to every client; shell, control and stdin replies to the client that sent the parent
-request) and emits every message to the taps (the log, and later replay, Y fold, audit) before
-delivering it, so anything a client has received is already on its way to the log.
+request) and emits every message to the taps (the log, replay, the Y fold, the executor) before
+delivering it, so anything a client has received is already on its way to the log. It also
+tells the taps the kernel's lifecycle, decided here once (:mod:`proxy.lifecycle`): executions
+requested and finished, the kernel restarted or dead.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .codecs import Message, coalesce_streams
+from .lifecycle import Executions, kernel_event
 
 log = logging.getLogger("jupyter_replay_proxy.relay")
 
@@ -63,9 +66,25 @@ class Tap:
         """A message passed, to the kernel from `client` or from the kernel to `client`
         (None for iopub, which goes to every client, and for replies nobody is waiting for)."""
 
-    def kernel_remembered(self, kernel_id: str, memory: KernelMemory) -> None:
-        """The proxy links to a kernel, knowing from the log what happened before (after a
-        restart: what was still running); before any live message of that kernel."""
+    async def restore(self, kernel_id: str) -> None:
+        """The proxy is linking to a kernel: read back from the log what this tap must
+        remember of it (after a restart of the proxy); before any live message of it."""
+
+    def execution_requested(
+        self, kernel_id: str, request: Message, client: Requester | None
+    ) -> None:
+        """An execute_request went to the kernel (after its message_relayed)."""
+
+    def execution_finished(self, kernel_id: str, msg_id: str, reply: Message | None) -> None:
+        """An execution ended: its reply and its idle status have passed, or the kernel
+        restarted or died (`reply`: what came, if anything). After the message that ends it."""
+
+    def kernel_restarted(self, kernel_id: str) -> None:
+        """The kernel was restarted: no earlier request will be answered (its unfinished
+        executions have ended)."""
+
+    def kernel_dead(self, kernel_id: str) -> None:
+        """The kernel died or was shut down (its unfinished executions have ended)."""
 
 
 class KernelLink(Protocol):
@@ -153,6 +172,8 @@ class Client:
     closed: bool = False
     #: it closed with a close frame of its own (a tab or document closed): no reconnect follows
     said_goodbye: bool = False
+    #: a server-side execution of the proxy's own: the notebook it writes into
+    notebook_path: str | None = None
     times_behind: int = 0
     resent: int = 0  # messages sent again at its resume: it had them, unacknowledged
     pending: set[str] = field(default_factory=set)  # its requests still waiting for a reply
@@ -291,24 +312,13 @@ def is_execution_state(status: Message) -> bool:
 
 
 @dataclass
-class LoggedExecution:
-    """A notebook cell's execute_request the log has no reply to, with its outputs so far."""
-
-    msg_id: str
-    cell_id: str
-    client_id: str | None
-    session_id: str | None
-    outputs: list[tuple[str, dict[str, Any]]]  # (msg_type, content) of its iopub, in order
-
-
-@dataclass
 class KernelMemory:
     """What a kernel's relay must remember across a proxy restart, restored from the log."""
 
     requesters: dict[str, Requester] = field(default_factory=dict)  # unanswered request: sender
     last_status: Message | None = None
     pending_input: Message | None = None
-    unfinished: list[LoggedExecution] = field(default_factory=list)
+    executions: list[str] = field(default_factory=list)  # msg_ids of unfinished executions
 
 
 class KernelRelay:
@@ -334,6 +344,8 @@ class KernelRelay:
         self._requesters = memory.requesters
         self.last_status = memory.last_status  # what a late joiner is told first
         self.pending_input = memory.pending_input  # an input_request nobody has answered yet
+        self.executions = Executions(memory.executions)
+        self.dead = False
 
     def attach(self, client: Client) -> None:
         self.clients[client.client_id] = client
@@ -412,6 +424,9 @@ class KernelRelay:
         elif message.msg_type == "input_reply":
             self.pending_input = None
         self._emit(TO_KERNEL, message, client)
+        if message.msg_type == "execute_request":
+            self.executions.requested(message.msg_id)
+            self._tell("execution_requested", self.kernel_id, message, client)
         self._outbox.append(message)
         if self._forwarding is None:
             self._forwarding = asyncio.ensure_future(self._forward())
@@ -443,6 +458,7 @@ class KernelRelay:
             if message.msg_type == "status" and is_execution_state(message):
                 self.last_status = message
             self._emit(FROM_KERNEL, message, None)
+            self._follow_lifecycle(message)
             for client in self.clients.values():
                 client.deliver(message)
             return
@@ -459,10 +475,51 @@ class KernelRelay:
             if message.msg_type == "input_request":
                 self.pending_input = message
         self._emit(FROM_KERNEL, message, requester)
+        self._follow_lifecycle(message)
         if requester is not None:
             target = requester if not requester.closed else self._live_client_of(requester)
             if target is not None:
                 target.deliver(message)
+
+    def _follow_lifecycle(self, message: Message) -> None:
+        """What a kernel message means for the kernel's lifecycle, told to the taps."""
+        event = kernel_event(message)
+        if event == "restarted":
+            self.restarted()
+        elif event == "dead":
+            self.died()
+        else:
+            finished = self.executions.passed(message)
+            if finished is not None:
+                self._tell("execution_finished", self.kernel_id, *finished)
+
+    def restarted(self) -> None:
+        """The kernel was restarted (a status only jupyter-server makes, or a restart request
+        through the proxy it accepted): requests wait for the new kernel, and what was running
+        has ended."""
+        self.link.resync()  # before any request of a client can reach the kernel
+        self._end_executions()
+        self._tell("kernel_restarted", self.kernel_id)
+
+    def died(self) -> None:
+        """The kernel died, or is gone from jupyter-server: what was running has ended."""
+        if self.dead:
+            return
+        self.dead = True
+        self._end_executions()
+        self._tell("kernel_dead", self.kernel_id)
+
+    def _end_executions(self) -> None:
+        for msg_id, reply in self.executions.end_all():
+            self._tell("execution_finished", self.kernel_id, msg_id, reply)
+
+    def _tell(self, event: str, *args: Any) -> None:
+        for tap in self.taps:
+            try:
+                getattr(tap, event)(*args)
+            except Exception:  # a tap's bug must not stop the relay (nor the other taps)
+                log.exception("%s failed on %s of kernel %s", type(tap).__name__, event,
+                              self.kernel_id)  # fmt: skip
 
     def _live_client_of(self, client: Requester) -> Client | None:
         """The connected client carrying on a client's session (itself if still here)."""
@@ -521,10 +578,9 @@ class Relay:
             relay.from_kernel(message)
 
         memory = await self.remember(kernel_id)
+        await asyncio.gather(*(tap.restore(kernel_id) for tap in self.taps))
         link = self.link_factory(kernel_id, deliver, self._gone)
         relay = KernelRelay(kernel_id, link, self.taps, self.ledger, memory)
-        for tap in self.taps:
-            tap.kernel_remembered(kernel_id, memory)
         await link.start()
         self.kernels[kernel_id] = relay
         log.info("Following kernel %s over a %s link", kernel_id, link.kind)
@@ -551,11 +607,14 @@ class Relay:
             if relay is not None and (listed_at is None or relay.linked_at < listed_at):
                 await self.drop(kernel_id)
 
-    async def drop(self, kernel_id: str) -> None:
+    async def drop(self, kernel_id: str, dead: bool = True) -> None:
+        """Stop following a kernel: it is gone (`dead`), or the proxy stops."""
         relay = self.kernels.pop(kernel_id, None)
         if relay is None:
             return
-        log.info("Kernel %s is gone; closing its link", kernel_id)
+        if dead:
+            log.info("Kernel %s is gone; closing its link", kernel_id)
+            relay.died()
         for callback in self.on_kernel_gone:
             await callback(relay)
         relay.close()
@@ -566,4 +625,4 @@ class Relay:
             with contextlib.suppress(Exception):
                 await starting
         for kernel_id in list(self.kernels):
-            await self.drop(kernel_id)
+            await self.drop(kernel_id, dead=False)

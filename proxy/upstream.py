@@ -211,3 +211,11 @@ class Upstream:
             return 200, json.loads(body).get("identity") or {}
         except ValueError:
             return 502, None
+
+
+def json_error(status: int, reason: str) -> web.HTTPException:
+    """An error of the proxy's own endpoints, as jupyter-server words them: {"message": ...}.
+    Statuses other than 400, 401 and 404 become 403."""
+    kinds = {400: web.HTTPBadRequest, 401: web.HTTPUnauthorized, 404: web.HTTPNotFound}
+    kind = kinds.get(status, web.HTTPForbidden)
+    return kind(text=json.dumps({"message": reason}), content_type="application/json")

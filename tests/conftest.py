@@ -36,7 +36,8 @@ from proxy.codecs import (
     message_from_parts,
 )
 from proxy.database import connect, open_database
-from proxy.server import ProxySettings, ReplayProxy
+from proxy.server import ReplayProxy
+from proxy.settings import ProxySettings
 from proxy.taps.log import LogWriter
 from proxy.upstream import Upstream
 

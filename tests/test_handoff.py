@@ -15,7 +15,7 @@ import nbformat
 import pytest
 
 from proxy.codecs import KERNEL_CHANNELS, Message, message_from_parts
-from proxy.relay import FROM_KERNEL, TO_KERNEL
+from proxy.relay import Client, KernelRelay
 from proxy.upstream import Upstream
 from proxy.yroom import NotebookRoom
 
@@ -29,6 +29,7 @@ from .conftest import (
     start_jupyter_server,
     stop_jupyter_server,
 )
+from .test_lifecycle import NoKernel, Numbered
 
 PRINTING = "import time\nfor i in range(8):\n    print(i, flush=True)\n    time.sleep(0.25)\n'done'"
 
@@ -171,7 +172,7 @@ async def test_no_writes_while_the_executing_client_stays(
     try:
         msg_id = await _run_in_cell(client, PRINTING, "printing")
         await client.collect(msg_id)  # 2 s, four grace periods, with its client there all along
-        assert folder.handoffs == 0 and not folder.rooms
+        assert folder.handoffs == 0 and not running.proxy.rooms.rooms
     finally:
         await client.close()
     viewer = await _Viewer.open(jupyter_server, name)
@@ -190,10 +191,12 @@ async def test_a_cell_executed_again_meanwhile_is_not_overwritten(
     staying = await open_channels(running.url, kernel_id, jupyter_server.token)
     try:
         again = await _run_in_cell(staying, "print('second run')", "printing")
-        await leaving.close()
-        await staying.collect(again)
-        await asyncio.sleep(1.0)
-        assert running.proxy.folder is not None and not running.proxy.folder.rooms
+        relay = running.proxy.relay.kernels[kernel_id]
+        await _until(lambda: again in relay.executions)  # requested before the first one's
+        await leaving.close()  # client left: its execution is taken over at once, and found
+        await staying.collect(again)  # superseded
+        assert running.proxy.folder is not None and running.proxy.folder.handoffs == 0
+        assert not running.proxy.rooms.rooms
     finally:
         await staying.close()
 
@@ -271,13 +274,17 @@ async def test_server_side_execution_of_a_cell_from_its_y_document(
 
 
 async def test_outputs_after_the_reply_still_reach_the_cell(handoff) -> None:
-    """The reply (shell) can overtake the last outputs (iopub): the fold ends an execution at
-    its reply and its idle status. The order is forced here: the messages are made, the
-    notebook room is jupyter-collaboration's."""
+    """The reply (shell) can overtake the last outputs (iopub): the relay ends an execution at
+    its reply and its idle status, and the fold writes what came between. The order is forced
+    here: the messages are made and fed to a relay with no kernel behind it; the notebook room
+    is jupyter-collaboration's."""
     running, _, name = handoff
     folder = running.proxy.folder
-    room = await folder.join(name)
+    assert folder is not None
+    room = await running.proxy.rooms.join(name)
     kernel_id = "a-kernel-of-made-messages"
+    relay = KernelRelay(kernel_id, NoKernel(), [folder], Numbered())
+    executor = Client("executor", kernel_id, "s", "internal", notebook_path=name)
 
     def message(channel: str, msg_type: str, content: dict[str, Any]) -> Message:
         request = msg_type == "execute_request"
@@ -292,21 +299,18 @@ async def test_outputs_after_the_reply_still_reach_the_cell(handoff) -> None:
             channel, parts, allowed_channels=KERNEL_CHANNELS, validate_body=True
         )
 
-    relayed = [
-        (TO_KERNEL, message("shell", "execute_request", {"code": "late()"})),
-        (FROM_KERNEL, message("shell", "execute_reply", {"status": "ok", "execution_count": 7})),
-        (FROM_KERNEL, message("iopub", "stream", {"name": "stdout", "text": "late\n"})),
-        (FROM_KERNEL, message("iopub", "status", {"execution_state": "idle"})),
-    ]
     try:
-        folder.claim("request-1", room)
-        for seq, (direction, made) in enumerate(relayed, 1):
-            folder.message_relayed(seq, kernel_id, direction, made, None, 0.0)
+        relay.from_client(executor, message("shell", "execute_request", {"code": "late()"}))
+        relay.from_kernel(message("shell", "execute_reply", {"status": "ok", "execution_count": 7}))
+        assert _cell(room, "other")["execution_state"] == "running"  # not at its reply alone
+        relay.from_kernel(message("iopub", "stream", {"name": "stdout", "text": "late\n"}))
+        relay.from_kernel(message("iopub", "status", {"execution_state": "idle"}))
         cell = _cell(room, "other")
         assert _text(cell) == "late\n"
         assert cell["execution_count"] == 7 and cell["execution_state"] == "idle"
     finally:
-        folder.leave(name)
+        relay.close()
+        running.proxy.rooms.leave(name)
 
 
 async def test_a_frontend_of_the_kernel_answers_input_of_a_server_side_execution(

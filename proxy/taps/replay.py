@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import re
 import sqlite3
 import time
@@ -22,7 +21,8 @@ from datetime import datetime
 from typing import Any
 
 from ..codecs import Message
-from ..relay import Client, Departed, KernelMemory, LoggedExecution, Tap
+from ..lifecycle import UNFINISHED_EXECUTIONS
+from ..relay import Client, Departed, KernelMemory, Tap
 from .log import LogWriter
 
 _HISTORY = """
@@ -87,46 +87,6 @@ WHERE kernel_id = :kernel AND msg_type = 'status'
   AND coalesce(json_extract(parent_header, '$.msg_type'), 'execute_request') = 'execute_request'
 ORDER BY seq DESC
 LIMIT 1
-"""
-# The latest execution of each notebook cell, if it is still running: not both its reply and
-# its idle status (the reply can overtake the last outputs; idle follows them all), and no
-# restart of the kernel since (a restarted kernel answers no earlier request).
-_UNFINISHED_CELLS = """
-WITH cells AS (
-    SELECT m.seq, m.msg_id, m.client_id, json_extract(m.metadata, '$.cellId') AS cell_id
-    FROM messages AS m
-    WHERE m.kernel_id = :kernel AND m.direction = 'to_kernel' AND m.msg_type = 'execute_request'
-      AND m.seq > (SELECT coalesce(max(seq), 0) FROM messages) - :lookback
-),
-latest AS (
-    SELECT cell_id, max(seq) AS seq FROM cells WHERE cell_id IS NOT NULL GROUP BY cell_id
-)
-SELECT cells.msg_id, cells.cell_id, cells.client_id, c.session_id
-FROM cells
-JOIN latest USING (cell_id, seq)
-LEFT JOIN clients AS c ON c.client_id = cells.client_id
-WHERE NOT (
-        EXISTS (
-            SELECT 1 FROM messages AS r
-            WHERE r.parent_msg_id = cells.msg_id AND r.msg_type = 'execute_reply'
-        )
-        AND EXISTS (
-            SELECT 1 FROM messages AS i
-            WHERE i.parent_msg_id = cells.msg_id AND i.msg_type = 'status'
-              AND json_extract(i.content, '$.execution_state') = 'idle'
-        )
-    )
-    AND NOT EXISTS (
-        SELECT 1 FROM messages AS s
-        WHERE s.kernel_id = :kernel AND s.seq > cells.seq AND s.msg_type = 'status'
-          AND json_extract(s.content, '$.execution_state') IN ('restarting', 'dead')
-    )
-ORDER BY cells.seq
-"""
-_OUTPUTS_OF = """
-SELECT msg_type, content FROM messages
-WHERE parent_msg_id = :parent AND channel = 'iopub' AND direction = 'from_kernel'
-ORDER BY seq
 """
 _HAS_CHILD = """
 SELECT 1 FROM messages WHERE parent_msg_id = :parent AND msg_type = :msg_type LIMIT 1
@@ -242,7 +202,10 @@ class Replayer(Tap):
 
     # --- reading, on the reader thread -----------------------------------------------------
 
-    async def _read(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
+    async def read(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run `work` on the log, on the reader thread (shared by the taps that restore their
+        memory from the log)."""
+
         def run() -> Any:
             if self._conn is None:
                 self._conn = self._connect()
@@ -276,7 +239,7 @@ class Replayer(Tap):
         def work(conn: sqlite3.Connection) -> list[Message]:
             return self._with_buffers(conn, conn.execute(_HISTORY, query).fetchall())
 
-        found: list[Message] = await self._read(work)
+        found: list[Message] = await self.read(work)
         self.replayed_messages += len(found)
         return found
 
@@ -287,7 +250,7 @@ class Replayer(Tap):
             rows = conn.execute(_RECENT_IOPUB, {"kernel": kernel_id, "limit": limit})
             return {msg_id for (msg_id,) in rows}
 
-        found: set[str] = await self._read(work)
+        found: set[str] = await self.read(work)
         return found
 
     async def settle(self) -> None:
@@ -309,7 +272,7 @@ class Replayer(Tap):
                 (kernel_id, session_id),
             ).fetchone()
 
-        row = await self._read(work)
+        row = await self.read(work)
         if row is None:
             return None
         seq, updated_at = row
@@ -325,7 +288,7 @@ class Replayer(Tap):
                     "kernel": client.kernel_id, "session": client.session_id,
                     "offset": replay.last - 1,
                 }  # fmt: skip
-                row = await self._read(lambda conn: conn.execute(_NTH_LAST, query).fetchone())
+                row = await self.read(lambda conn: conn.execute(_NTH_LAST, query).fetchone())
                 after = row[0] - 1 if row else 0
             client.sent_seq, client.behind, client.replay_parent = after, True, replay.parent
             self.replays["history"] += 1
@@ -340,7 +303,7 @@ class Replayer(Tap):
         sent = self.sent.pop((client.kernel_id, client.session_id), 0)
         if sent > position:
             query = {"kernel": client.kernel_id, "after": position, "through": sent}
-            row = await self._read(lambda conn: conn.execute(_RESENT, query).fetchone())
+            row = await self.read(lambda conn: conn.execute(_RESENT, query).fetchone())
             client.resent = row[0]
             self.resent_messages += client.resent
         return True
@@ -368,17 +331,10 @@ class Replayer(Tap):
                 ).fetchone()
                 if not answered and not finished:
                     memory.pending_input = _message(pending, [])
-            for msg_id, cell_id, client_id, session_id in conn.execute(_UNFINISHED_CELLS, query):
-                outputs = [
-                    (msg_type, json.loads(content))
-                    for msg_type, content in conn.execute(_OUTPUTS_OF, {"parent": msg_id})
-                ]
-                memory.unfinished.append(
-                    LoggedExecution(msg_id, cell_id, client_id, session_id, outputs)
-                )
+            memory.executions = [row[1] for row in conn.execute(UNFINISHED_EXECUTIONS, query)]
             return memory
 
-        return await self._read(work)
+        return await self.read(work)
 
     def close(self) -> None:
         def shut() -> None:

@@ -6,7 +6,9 @@ duplicates them). When the client has closed its websocket on purpose (a close f
 closed), or has been gone for ``grace`` seconds (a dropped connection may come back), and one
 of its executions was unfinished when it left, the proxy takes the execution over: it writes the
 cell's outputs as the fold has them (replacing whatever is there: idempotent), keeps them live
-until its reply and its idle status, then sets the execution count and the idle state. An
+until the execution finishes (as the relay decides: :mod:`proxy.lifecycle`), then sets the
+execution count and the idle state. A server-side execution of the proxy's own (a client with
+a notebook) is the proxy's to write from the start. An
 execution never writes into a cell that has been executed again since. An answer to an
 input() prompt is echoed into the outputs (``prompt value``, as JupyterLab shows it), so a
 proxy-written cell has it too.
@@ -15,25 +17,70 @@ proxy-written cell has it too.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
+import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..codecs import Message
-from ..fold import OUTPUT_MESSAGES, Edit, NotebookFold, stdin_echo
+from ..fold import OUTPUT_MESSAGES, Edit, NotebookFold
+from ..lifecycle import UNFINISHED_EXECUTIONS
 from ..links import RecentIds
 from ..metrics import LatencyHistogram
-from ..relay import FROM_KERNEL, Client, KernelMemory, Requester, Tap, in_background
+from ..relay import FROM_KERNEL, Client, Requester, Tap, in_background
+from ..rooms import RoomPool
 from ..yroom import CollaborationUnavailable, NotebookRoom, set_outputs, youtput
 
 log = logging.getLogger("jupyter_replay_proxy.yfold")
 
-_GONE = ("restarting", "dead")  # statuses after which a kernel answers no earlier request
-_ROOM_LINGER = 5.0  # seconds a room stays joined after the last write (the server saves ~1 s on)
+_LATEST_OF_CELL = """
+SELECT max(seq) FROM messages
+WHERE kernel_id = :kernel AND msg_type = 'execute_request' AND direction = 'to_kernel'
+  AND json_extract(metadata, '$.cellId') = :cell
+"""
+_SESSION_OF = "SELECT session_id FROM clients WHERE client_id = :client"
+_OUTPUTS_OF = """
+SELECT msg_type, content FROM messages
+WHERE parent_msg_id = :parent AND channel = 'iopub' AND direction = 'from_kernel'
+ORDER BY seq
+"""
+#: Messages looked back at when restoring (the replay tap's window).
+_LOOKBACK = 100_000
+
+
+@dataclass
+class _Unfinished:
+    """A notebook cell's execution the log has as unfinished, with its outputs so far."""
+
+    msg_id: str
+    cell_id: str
+    client_id: str | None
+    session_id: str | None
+    outputs: list[tuple[str, Any]]  # (msg_type, content) of its iopub, in order
+
+
+def _unfinished_cells(conn: sqlite3.Connection, kernel_id: str) -> list[_Unfinished]:
+    """The latest execution of each notebook cell of the kernel, if it is unfinished."""
+    found = []
+    query = {"kernel": kernel_id, "lookback": _LOOKBACK}
+    for seq, msg_id, client_id, metadata in conn.execute(UNFINISHED_EXECUTIONS, query):
+        fields = _json(metadata) if metadata else None
+        cell_id = fields.get("cellId") if isinstance(fields, dict) else None
+        if not isinstance(cell_id, str):
+            continue
+        (latest,) = conn.execute(_LATEST_OF_CELL, {"kernel": kernel_id, "cell": cell_id}).fetchone()
+        if latest != seq:
+            continue  # executed again since (and that one finished)
+        session = conn.execute(_SESSION_OF, {"client": client_id}).fetchone()
+        outputs = [
+            (msg_type, _json(content))
+            for msg_type, content in conn.execute(_OUTPUTS_OF, {"parent": msg_id})
+        ]
+        found.append(_Unfinished(msg_id, cell_id, client_id, session and session[0], outputs))
+    return found
 
 
 @dataclass
@@ -44,11 +91,8 @@ class _Execution:
     client_id: str | None
     session_id: str | None
     finished: bool = False
-    reply: dict[str, Any] | None = None
     owner: str = "client"  # "client", "proxy", or "nobody" (superseded, or no notebook)
     room: NotebookRoom | None = None
-    restored: bool = False  # followed again after a proxy restart: its reply may never come
-    idle: bool = False  # the kernel's idle status for it came: no output of it follows
 
 
 @dataclass
@@ -56,7 +100,6 @@ class _Kernel:
     fold: NotebookFold = field(default_factory=NotebookFold)
     by_cell: dict[str, _Execution] = field(default_factory=dict)  # the latest execution
     executions: dict[str, _Execution] = field(default_factory=dict)  # unfinished or owned
-    prompts: dict[str, tuple[_Execution, dict[str, Any]]] = field(default_factory=dict)  # by id
 
 
 class OutputFolder(Tap):
@@ -64,18 +107,18 @@ class OutputFolder(Tap):
 
     def __init__(
         self,
-        room_for: Callable[[str], NotebookRoom],
+        rooms: RoomPool,
         notebook_of: Callable[[str], str | None],
+        read_log: Callable[[Callable[[sqlite3.Connection], Any]], Awaitable[Any]],
         grace: float = 5.0,
     ) -> None:
-        self.room_for = room_for
+        self.rooms = rooms
         self.notebook_of = notebook_of
+        self.read_log = read_log
         self.grace = grace
         self.kernels: dict[str, _Kernel] = {}
         self._takeovers: dict[str, asyncio.TimerHandle] = {}  # client id → pending takeover
-        self.rooms: dict[str, NotebookRoom] = {}
-        self._room_users: dict[str, int] = {}
-        self._claimed: dict[str, NotebookRoom] = {}  # msg_id → room: the proxy's own requests
+        rooms.on_fresh_document.append(self._rejoined)
         # (kernel, session) → executions of that session the proxy took over: its outputs are
         # the proxy's to write, so a returning client of the session is not sent them
         self._taken: dict[tuple[str, str | None], RecentIds] = {}
@@ -95,11 +138,6 @@ class OutputFolder(Tap):
 
         return hidden
 
-    def claim(self, msg_id: str, room: NotebookRoom) -> None:
-        """The proxy itself is about to send this execute_request (server-side execution): it
-        writes the outputs from the start, as the only writer. ``room`` was joined for it."""
-        self._claimed[msg_id] = room
-
     # --- relay events --------------------------------------------------------------------------
 
     def message_relayed(
@@ -112,21 +150,12 @@ class OutputFolder(Tap):
         received_at: float,
     ) -> None:
         if direction != FROM_KERNEL:
-            if message.msg_type == "execute_request":
-                self._requested(kernel_id, message, client)
-            elif message.msg_type == "input_reply":
+            if message.msg_type == "input_reply":
                 self._answered(kernel_id, message)
             return
         kernel = self.kernels.get(kernel_id)
-        state = None  # of a status message, parsed once
-        if kernel is not None and message.msg_type == "status" and message.channel == "iopub":
-            content = message.content()
-            state = content.get("execution_state") if isinstance(content, dict) else None
-            if state in _GONE:
-                self.kernel_restarted(kernel_id)
-                return
         execution = kernel.executions.get(message.parent_msg_id or "") if kernel else None
-        if kernel is None or execution is None:
+        if kernel is None or execution is None or execution.finished:
             return
         if message.channel == "iopub" and message.msg_type in OUTPUT_MESSAGES:
             if kernel.by_cell.get(execution.cell_id) is not execution:
@@ -135,28 +164,18 @@ class OutputFolder(Tap):
             if isinstance(content, dict):
                 kernel.fold.apply(execution.cell_id, message.msg_type, content)
                 self._write(kernel, execution)
-        elif state == "idle" and not execution.finished:
-            # The reply (shell) can overtake the last outputs (iopub); the idle status follows
-            # them all, so an execution ends at both (a restored one at idle: its reply went
-            # to the proxy that stopped).
-            execution.idle = True
-            if execution.reply is not None or execution.restored:
-                self._finished(kernel, execution)
         elif message.msg_type == "input_request":
             request = message.content()
-            if isinstance(request, dict):
-                kernel.prompts[message.msg_id] = (execution, request)
-        elif message.channel == "shell" and message.msg_type == "execute_reply":
-            content = message.content()
-            execution.reply = content if isinstance(content, dict) else {}
-            if execution.idle:
-                self._finished(kernel, execution)
+            if isinstance(request, dict) and kernel.by_cell.get(execution.cell_id) is execution:
+                kernel.fold.asked(execution.cell_id, message.msg_id, request)
 
-    def kernel_restarted(self, kernel_id: str) -> None:
-        """No earlier request will be answered: unfinished executions end as they stand."""
+    def execution_finished(self, kernel_id: str, msg_id: str, reply: Message | None) -> None:
         kernel = self.kernels.get(kernel_id)
-        for waiting in [e for e in kernel.executions.values() if not e.finished] if kernel else []:
-            self._finished(kernel, waiting)
+        execution = kernel.executions.get(msg_id) if kernel else None
+        if kernel is None or execution is None or execution.finished:
+            return
+        content = reply.content() if reply is not None else None
+        self._finished(kernel, execution, content if isinstance(content, dict) else None)
 
     def client_left(self, client: Client) -> None:
         if any(
@@ -171,35 +190,28 @@ class OutputFolder(Tap):
                 delay, lambda: in_background(self._take_over(client))
             )
 
-    def kernel_remembered(self, kernel_id: str, memory: KernelMemory) -> None:
+    async def restore(self, kernel_id: str) -> None:
         """After a restart of the proxy: cells still running are followed again, their outputs
         so far folded from the log, and taken over once their clients have had the grace period
         to come back (as if they had all just left; the proxy's own requests have no client)."""
-        if not memory.unfinished:
-            return
+        unfinished = await self.read_log(lambda conn: _unfinished_cells(conn, kernel_id))
         kernel = self.kernels.setdefault(kernel_id, _Kernel())
         # a kernel linked again by this same process: what it follows, it followed all along
-        restored = [logged for logged in memory.unfinished if logged.cell_id not in kernel.by_cell]
+        restored = [logged for logged in unfinished if logged.cell_id not in kernel.by_cell]
         if not restored:
             return
         loop = asyncio.get_running_loop()
         for logged in restored:
             client_id = logged.client_id or f"restored-{logged.msg_id}"
             execution = _Execution(
-                logged.msg_id, kernel_id, logged.cell_id, client_id, logged.session_id,
-                restored=True,
-            )  # fmt: skip
+                logged.msg_id, kernel_id, logged.cell_id, client_id, logged.session_id
+            )
             kernel.by_cell[logged.cell_id] = execution
             kernel.executions[logged.msg_id] = execution
             kernel.fold.start(logged.cell_id)
             for msg_type, content in logged.outputs:
-                if not isinstance(content, dict):
-                    continue
-                if msg_type in OUTPUT_MESSAGES:
+                if msg_type in OUTPUT_MESSAGES and isinstance(content, dict):
                     kernel.fold.apply(logged.cell_id, msg_type, content)
-                elif msg_type == "status" and content.get("execution_state") == "idle":
-                    execution.finished = True  # the reply was lost with the proxy
-                    kernel.fold.finish(logged.cell_id, None)
             kernel.fold.take_edits()
             if client_id not in self._takeovers:
                 gone = Client(client_id, kernel_id, logged.session_id, "", closed=True)
@@ -223,7 +235,9 @@ class OutputFolder(Tap):
 
     # --- executions ------------------------------------------------------------------------------
 
-    def _requested(self, kernel_id: str, message: Message, client: Requester | None) -> None:
+    def execution_requested(
+        self, kernel_id: str, message: Message, client: Requester | None
+    ) -> None:
         metadata = _json(message.parts[2])
         cell_id = metadata.get("cellId") if isinstance(metadata, dict) else None
         if not isinstance(cell_id, str):
@@ -241,30 +255,32 @@ class OutputFolder(Tap):
         kernel.executions[execution.msg_id] = execution
         kernel.fold.start(cell_id)
         kernel.fold.take_edits()
-        room = self._claimed.pop(execution.msg_id, None)
-        if room is not None:
-            execution.owner, execution.room = "proxy", room
+        notebook = client.notebook_path if isinstance(client, Client) else None
+        room = self.rooms.share(notebook) if notebook is not None else None
+        if room is not None:  # the proxy's own execution (server-side), in a room its executor
+            execution.owner, execution.room = "proxy", room  # joined: the only writer
             self._rewrite(kernel, execution)
 
     def _answered(self, kernel_id: str, reply: Message) -> None:
-        """Echo the answer to a prompt as JupyterLab does: a stdin stream of prompt and value."""
+        """The answer to a prompt is echoed into the cell's outputs, as JupyterLab shows it."""
         kernel = self.kernels.get(kernel_id)
-        asked = kernel.prompts.pop(reply.parent_msg_id or "", None) if kernel else None
-        if kernel is None or asked is None:
-            return
-        execution, request = asked
-        if kernel.by_cell.get(execution.cell_id) is not execution:
-            return
         content = reply.content()
-        echo = stdin_echo(request, content if isinstance(content, dict) else {})
-        kernel.fold.apply(execution.cell_id, "stream", echo)
-        self._write(kernel, execution)
+        cell_id = (
+            kernel.fold.answered(reply.parent_msg_id or "", content)
+            if kernel is not None and isinstance(content, dict)
+            else None
+        )
+        execution = kernel.by_cell.get(cell_id) if kernel is not None and cell_id else None
+        if kernel is not None and execution is not None:
+            self._write(kernel, execution)
 
-    def _finished(self, kernel: _Kernel, execution: _Execution) -> None:
+    def _finished(
+        self, kernel: _Kernel, execution: _Execution, reply: dict[str, Any] | None
+    ) -> None:
         execution.finished = True
         current = kernel.by_cell.get(execution.cell_id) is execution
         if current:
-            kernel.fold.finish(execution.cell_id, execution.reply)
+            kernel.fold.finish(execution.cell_id, reply)
         if execution.owner == "proxy" and current and execution.room is not None:
             self._write(kernel, execution)
             self._release(execution)
@@ -274,8 +290,6 @@ class OutputFolder(Tap):
     def _forget(self, kernel: _Kernel, execution: _Execution) -> None:
         """Nothing more will be written for this execution: drop it (and its cell's fold)."""
         kernel.executions.pop(execution.msg_id, None)
-        for prompt_id in [p for p, (e, _) in kernel.prompts.items() if e is execution]:
-            del kernel.prompts[prompt_id]
         if kernel.by_cell.get(execution.cell_id) is execution:
             del kernel.by_cell[execution.cell_id]
             kernel.fold.forget(execution.cell_id)
@@ -311,7 +325,7 @@ class OutputFolder(Tap):
                 self._finished_if_done(kernel, execution)
                 continue
             try:
-                room = await self.join(path)
+                room = await self.rooms.join(path)
             except CollaborationUnavailable as error:
                 log.warning("Cannot write outputs into %s: %s", path, error)
                 execution.owner = "nobody"
@@ -374,21 +388,6 @@ class OutputFolder(Tap):
 
     # --- rooms -----------------------------------------------------------------------------------
 
-    async def join(self, path: str) -> NotebookRoom:
-        """Join (or share) the room of a notebook; every join is released once."""
-        room = self.rooms.get(path)
-        if room is None:
-            room = self.rooms[path] = self.room_for(path)
-            room.on_new_document.append(lambda: in_background(self._rejoined(room)))
-            room.start()
-        self._room_users[path] = self._room_users.get(path, 0) + 1
-        try:
-            await room.ready()
-        except CollaborationUnavailable:
-            self.leave(path)
-            raise
-        return room
-
     async def _rejoined(self, room: NotebookRoom) -> None:
         """The room was joined again with a fresh document (upstream restart, dropped
         connection): write every cell the proxy owns there anew, from the fold."""
@@ -401,23 +400,11 @@ class OutputFolder(Tap):
     def _release(self, execution: _Execution) -> None:
         room, execution.room = execution.room, None
         if room is not None:
-            asyncio.get_running_loop().call_later(_ROOM_LINGER, self.leave, room.path)
+            self.rooms.leave_later(room.path)
 
-    def leave(self, path: str) -> None:
-        self._room_users[path] = self._room_users.get(path, 1) - 1
-        if self._room_users[path] <= 0:
-            del self._room_users[path]
-            room = self.rooms.pop(path, None)
-            if room is not None:
-                in_background(room.close())
-
-    async def close(self) -> None:
+    def close(self) -> None:
         for handle in self._takeovers.values():
             handle.cancel()
-        for room in list(self.rooms.values()):
-            with contextlib.suppress(Exception):
-                await room.close()
-        self.rooms.clear()
 
 
 def _apply(ycell: Any, edit: Edit) -> None:
