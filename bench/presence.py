@@ -3,11 +3,12 @@ measured from its process, for three ways of watching the kernel, alternating, i
 
     python -m bench.presence [--lines 20000] [--rounds 3]
 
-(a) nobody on a websocket: a zmq client of the kernel's own (jupyter-server still follows the
-    kernel's iopub itself, for its activity and execution_state): jupyter-server's floor;
-(b) a client on jupyter-server's channels websocket, direct (its rate limit off);
-(c) a client through the proxy (`serve`, zmq link): jupyter-server relays every iopub message
-    to the proxy's presence websocket, which keeps the kernel counted as connected.
+(a) nobody on a websocket, no proxy: a zmq client of the kernel's own (jupyter-server still
+    follows the kernel's iopub itself, for its activity and execution_state): its floor;
+(b) a client on jupyter-server's channels websocket, direct, no proxy (its rate limit off);
+(c) a client through the proxy (`serve`, zmq link, started for this run): jupyter-server relays
+    every iopub message to the proxy's presence websocket, which keeps the kernel counted as
+    connected.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 
 from jupyter_client.asynchronous.client import AsyncKernelClient
@@ -50,35 +52,45 @@ async def main() -> None:
         server = start_jupyter_server(
             Path(tmp), "--ZMQChannelsWebsocketConnection.limit_rate=False"
         )
-        proxy = ProxyProcess(server, Path(tmp))
         client = AsyncKernelClient()
         try:
-            await proxy.ready(server.token)
             kernel_id = await start_kernel(server)
             client.load_connection_file(server.runtime_dir / f"kernel-{kernel_id}.json")
             client.start_channels()
             await client.wait_for_ready(timeout=60)
-            ways = {
-                "no websocket": lambda: zmq_flood(client, args.lines),
-                "direct websocket": lambda: flood(server.url, kernel_id, server.token, args.lines),
-                "through the proxy": lambda: flood(proxy.url, kernel_id, server.token, args.lines),
-            }
-            cores: dict[str, list[float]] = {way: [] for way in ways}
+
+            async def measured(run: Awaitable[object]) -> tuple[float, float]:
+                """CPU seconds jupyter-server spent, and the flood's wall time."""
+                await asyncio.sleep(2)  # what the last one left to do, done
+                before, started = cpu_seconds(server.process.pid), time.perf_counter()
+                await run
+                await asyncio.sleep(1)  # the server's own share of the tail
+                return cpu_seconds(server.process.pid) - before, time.perf_counter() - started
+
+            cores: dict[str, list[tuple[float, float]]] = {
+                "no websocket": [], "direct websocket": [], "through the proxy": []
+            }  # fmt: skip
             for _ in range(args.rounds):
-                for way, run in ways.items():
-                    await asyncio.sleep(2)  # what the last one left to do, done
-                    before, started = cpu_seconds(server.process.pid), time.perf_counter()
-                    await run()
-                    await asyncio.sleep(1)  # the server's own share of the tail
-                    spent = cpu_seconds(server.process.pid) - before
-                    cores[way].append(spent / (time.perf_counter() - started))
+                cores["no websocket"].append(await measured(zmq_flood(client, args.lines)))
+                cores["direct websocket"].append(
+                    await measured(flood(server.url, kernel_id, server.token, args.lines))
+                )
+                proxy = ProxyProcess(server, Path(tmp))
+                try:
+                    await proxy.ready(server.token)
+                    cores["through the proxy"].append(
+                        await measured(flood(proxy.url, kernel_id, server.token, args.lines))
+                    )
+                finally:
+                    proxy.stop()
             print(f"jupyter-server's own CPU while {args.lines:,} flushed lines go out, "
-                  f"median of {args.rounds} (cores):")  # fmt: skip
-            for way, measured in cores.items():
-                print(f"    {way:<18} {statistics.median(measured):.2f}")
+                  f"median of {args.rounds}:")  # fmt: skip
+            for way, runs in cores.items():
+                spent = statistics.median(cpu for cpu, _ in runs)
+                core = statistics.median(cpu / wall for cpu, wall in runs)
+                print(f"    {way:<18} {spent:.2f} s of CPU, {core:.2f} of a core")
         finally:
             client.stop_channels()
-            proxy.stop()
             stop_jupyter_server(server)
 
 
