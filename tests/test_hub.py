@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
 import tempfile
 import time
 import uuid
@@ -26,7 +27,7 @@ import pytest
 from playwright.async_api import Browser, BrowserContext, Page
 
 from .conftest import open_channels, stream_text
-from .hub import ACTIVITY_INTERVAL, Hub, processes_of, start_hub, stop_hub
+from .hub import ACTIVITY_INTERVAL, BIN, Hub, processes_of, start_hub, stop_hub
 from .test_browser import EXPECTED, LINES, _lines, _notebook, _output, _prompt, _wait_for, browser
 
 __all__ = ["browser"]  # a fixture
@@ -161,6 +162,22 @@ async def test_users_are_kept_apart(hub: Hub) -> None:
     status, seen = await _get(own + "audit/executions", hub.service_token)  # access:servers
     assert status == 200 and [e["code"] for e in seen["items"]] == ["print('secret of ada')"]
     assert "secret of ada" not in _log_of(hub, "bob").read_bytes().decode(errors="replace")
+
+    # the CLI, as ada runs it in a terminal of her server: her log and her proxy by default
+    env = {**os.environ, "HOME": str(hub.home("ada"))}
+    for variable in ("JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR", "JUPYTER_TOKEN"):
+        env.pop(variable, None)
+    transcript = subprocess.run(
+        [str(BIN / "jupyter-replay-proxy"), "transcript"], env=env, capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert transcript.returncode == 0 and "print('secret of ada')" in transcript.stdout
+    status_line = subprocess.run(
+        [str(BIN / "jupyter-replay-proxy"), "status"], env=env, capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert status_line.returncode == 0, status_line.stderr
+    assert kernel_id in status_line.stdout
     await asyncio.gather(hub.stop_server("ada"), hub.stop_server("bob"))
 
 
