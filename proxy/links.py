@@ -42,12 +42,11 @@ from .lifecycle import SERVER_STATES, execution_state
 from .relay import in_background
 from .spool import SpoolReader
 from .spool_writer import REPLY
-from .upstream import Upstream
+from .upstream import Backoff, Upstream
 
 log = logging.getLogger("jupyter_replay_proxy.links")
 
 _SERVER_STATES = tuple(json.dumps(state).encode() for state in SERVER_STATES)
-_BACKOFF_MAX = 5.0
 _STDIN_WAIT = 2.0  # seconds requests wait for the stdin socket once the kernel's iopub flows
 _JOIN_WAIT = 2.0  # seconds zmq output waits for the presence to hand over jupyter-server's buffer
 
@@ -126,7 +125,7 @@ class _Presence:
         self.task = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:
-        delay = 0.25
+        backoff = Backoff()
         while True:
             try:
                 ws = await self.upstream.channels_websocket(self.link.kernel_id, self.session_id)
@@ -138,7 +137,7 @@ class _Presence:
                 pass
             else:
                 self.tried.set()
-                delay = 0.25
+                backoff.succeeded()
                 async with ws:
                     async for frame in ws:
                         if frame.type != aiohttp.WSMsgType.BINARY:
@@ -149,8 +148,7 @@ class _Presence:
                             state in frame.data for state in _SERVER_STATES
                         ):  # everything else reaches the proxy over zmq: skip it cheaply
                             self._server_status(frame.data)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _BACKOFF_MAX)
+            await backoff.wait()
 
     def _fill_gap(self, frame: bytes) -> None:
         with contextlib.suppress(FrameError):
@@ -529,7 +527,7 @@ class WebsocketLink:
             await asyncio.wait_for(self._connected.wait(), 10)
 
     async def _run(self) -> None:
-        delay = 0.25
+        backoff = Backoff()
         while True:
             try:
                 ws = await self.upstream.channels_websocket(self.kernel_id, self.session_id)
@@ -543,12 +541,11 @@ class WebsocketLink:
             except aiohttp.ClientError as error:
                 log.warning("Kernel %s: cannot reach jupyter-server: %s", self.kernel_id, error)
             else:
-                delay = 0.25
+                backoff.succeeded()
                 async with ws:
                     await self._serve(ws)
                 log.warning("Kernel %s: websocket link dropped; reconnecting", self.kernel_id)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _BACKOFF_MAX)
+            await backoff.wait()
 
     async def _serve(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         sender = asyncio.ensure_future(self._send_outgoing(ws))

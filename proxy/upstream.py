@@ -7,6 +7,7 @@ credentials, exactly as the client sent them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -219,3 +220,20 @@ def json_error(status: int, reason: str) -> web.HTTPException:
     kinds = {400: web.HTTPBadRequest, 401: web.HTTPUnauthorized, 404: web.HTTPNotFound}
     kind = kinds.get(status, web.HTTPForbidden)
     return kind(text=json.dumps({"message": reason}), content_type="application/json")
+
+
+class Backoff:
+    """The wait between two attempts to reach jupyter-server: 0.25 s, doubled each time up to
+    5 s, and back to 0.25 s once an attempt succeeded."""
+
+    FIRST, MOST = 0.25, 5.0
+
+    def __init__(self) -> None:
+        self.delay = self.FIRST
+
+    def succeeded(self) -> None:
+        self.delay = self.FIRST
+
+    async def wait(self) -> None:
+        await asyncio.sleep(self.delay)
+        self.delay = min(self.delay * 2, self.MOST)

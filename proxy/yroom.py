@@ -31,11 +31,10 @@ from pycrdt import (
     merge_updates,
 )
 
-from .upstream import Upstream
+from .upstream import Backoff, Upstream
 
 log = logging.getLogger("jupyter_replay_proxy.yroom")
 
-_BACKOFF_MAX = 5.0
 _SEND_INTERVAL = 0.02  # seconds of local changes merged into one update message
 
 
@@ -101,7 +100,7 @@ class NotebookRoom:
             return await resp.json()
 
     async def _run(self) -> None:
-        delay = 0.25
+        backoff = Backoff()
         first = True
         while True:
             try:
@@ -118,14 +117,13 @@ class NotebookRoom:
                     first = False
                     await self._converse(ws)
                 log.info("The room of %s closed (%s); joining it again", self.path, ws.close_code)
-                delay = 0.25
+                backoff.succeeded()
             except CollaborationUnavailable as error:
                 self._fail(str(error))
             except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, ValueError) as error:
                 self._fail(f"cannot reach the room of {self.path}: {error}")
             self.synced.clear()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _BACKOFF_MAX)
+            await backoff.wait()
 
     def _fail(self, message: str) -> None:
         if message != self.error:
