@@ -401,7 +401,9 @@ async def test_a_kernel_restart_ends_a_waiting_server_side_execution(
         location = await _queue_execution(http, running.url, kernel_id, {
             "code": "import time\ntime.sleep(60)", "metadata": {"cell_id": "other"},
         })  # fmt: skip
-        await asyncio.sleep(1.0)
+        executor = running.proxy.executor
+        assert executor is not None
+        await _until(lambda: any(job.state == "running" for job in executor.jobs.values()))
         async with http.post(running.url + f"api/kernels/{kernel_id}/restart") as resp:
             assert resp.status == 200
         status, result, _ = await _until_done(http, location)

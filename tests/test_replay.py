@@ -71,7 +71,9 @@ async def test_late_joiner_sees_a_busy_kernel_at_once(
         msg_id = await runner.send(
             "shell", "execute_request", {"code": "import time; time.sleep(4)", **EXECUTE}
         )
-        await asyncio.sleep(1.0)
+        while not ((m := await runner.recv()).msg_type == "execute_input"
+                   and m.parent_msg_id == msg_id):  # fmt: skip
+            pass  # until the cell runs
         started = time.monotonic()
         late = await open_channels(zmq_proxy.url, kernel_id, jupyter_server.token)
         try:
