@@ -15,14 +15,15 @@ from proxy.relay import Client, KernelRelay, Requester, Tap
 
 
 def made(
-    channel: str, msg_type: str, content: dict[str, Any], parent: str = "", msg_id: str = ""
-) -> Message:
+    channel: str, msg_type: str, content: dict[str, Any], parent: str = "", msg_id: str = "",
+    metadata: dict[str, Any] | None = None,
+) -> Message:  # fmt: skip
     """A message as a kernel (or a frontend, for requests) would send it."""
     msg_id = msg_id or f"{msg_type}-{parent}"
     parts = [
         json.dumps({"msg_id": msg_id, "msg_type": msg_type}).encode(),
         json.dumps({"msg_id": parent, "msg_type": "execute_request"} if parent else {}).encode(),
-        b"{}",
+        json.dumps(metadata or {}).encode(),
         json.dumps(content).encode(),
     ]
     return message_from_parts(channel, parts, allowed_channels=KERNEL_CHANNELS, validate_body=True)
@@ -98,6 +99,12 @@ class NoKernel:
 
     def resync(self) -> None:
         self.resyncs += 1
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
 
 
 class Numbered:
