@@ -8,10 +8,9 @@ of its executions was unfinished when it left, the proxy takes the execution ove
 cell's outputs as the fold has them (replacing whatever is there: idempotent), keeps them live
 until the execution finishes (as the relay decides: :mod:`proxy.lifecycle`), then sets the
 execution count and the idle state. A server-side execution of the proxy's own (a client with
-a notebook) is the proxy's to write from the start. An
-execution never writes into a cell that has been executed again since. An answer to an
-input() prompt is echoed into the outputs (``prompt value``, as JupyterLab shows it), so a
-proxy-written cell has it too.
+a notebook) is the proxy's to write from the start. An execution never writes into a cell that
+has been executed again since. An answer to an input() prompt is echoed into the outputs
+(``prompt value``, as JupyterLab shows it), so a proxy-written cell has it too.
 """
 
 from __future__ import annotations
