@@ -39,7 +39,7 @@ from .codecs import (
     message_from_parts,
 )
 from .lifecycle import SERVER_STATES, execution_state
-from .relay import in_background
+from .relay import Background
 from .spool import SpoolReader
 from .spool_writer import REPLY
 from .upstream import Backoff, Upstream
@@ -69,6 +69,7 @@ class LinkContext:
     log: LogProgress
     #: msg_ids of a kernel's last iopub messages in the log (at most so many)
     recently_logged: Callable[[str, int], Awaitable[set[str]]]
+    background: Background
 
 
 def connection_file(runtime_dir: Path, kernel_id: str) -> Path:
@@ -439,7 +440,7 @@ class ZmqLink:
         if self._ready:
             self._ready = False
             self._iopub_flowing.clear()
-            in_background(self._nudge())
+            self.context.background.run(self._nudge())
 
     def send(self, message: Message) -> None:
         if not self._ready:

@@ -24,14 +24,25 @@ from .lifecycle import Executions, kernel_event
 
 log = logging.getLogger("jupyter_replay_proxy.relay")
 
-_background: set[asyncio.Future[object]] = set()
 
+class Background:
+    """Work one proxy runs without waiting for it: kept, so that it is not collected midway,
+    and cancelled when that proxy stops (another proxy in the same process keeps its own)."""
 
-def in_background(awaitable: Awaitable[object]) -> None:
-    """Run without waiting for it, keeping a reference so it is not collected midway."""
-    task = asyncio.ensure_future(awaitable)
-    _background.add(task)
-    task.add_done_callback(_background.discard)
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Future[object]] = set()
+
+    def run(self, awaitable: Awaitable[object]) -> None:
+        task = asyncio.ensure_future(awaitable)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def cancel(self) -> None:
+        """Cancel what still runs, and wait for it to end."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 TO_KERNEL = "to_kernel"
@@ -548,11 +559,13 @@ class Relay:
         link_factory: LinkFactory,
         taps: list[Tap],
         ledger: Ledger,
+        background: Background,
         remember: Callable[[str], Awaitable[KernelMemory]] | None = None,
     ) -> None:
         self.link_factory = link_factory
         self.taps = taps
         self.ledger = ledger
+        self.background = background
         self.remember = remember or _nothing_to_remember
         self.kernels: dict[str, KernelRelay] = {}
         self._starting: dict[str, asyncio.Task[KernelRelay]] = {}
@@ -587,7 +600,7 @@ class Relay:
         return relay
 
     def _gone(self, kernel_id: str) -> None:
-        in_background(self.drop(kernel_id))
+        self.background.run(self.drop(kernel_id))
 
     async def sync(self, running: Iterable[str], listed_at: float | None = None) -> None:
         """Follow every running kernel (so output nobody watches is logged); drop the rest.

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 
-from .relay import in_background
+from .relay import Background
 from .yroom import CollaborationUnavailable, NotebookRoom
 
 #: Seconds a room stays joined after its last user let go of it.
@@ -19,8 +19,9 @@ class RoomPool:
     """Reference-counted rooms by notebook path: every :meth:`join` (or :meth:`share`) is
     matched by one :meth:`leave` (or :meth:`leave_later`)."""
 
-    def __init__(self, room_for: Callable[[str], NotebookRoom]) -> None:
+    def __init__(self, room_for: Callable[[str], NotebookRoom], background: Background) -> None:
         self.room_for = room_for
+        self.background = background
         self.rooms: dict[str, NotebookRoom] = {}
         self._users: dict[str, int] = {}
         #: called when a room was joined again with a fresh document (upstream restart,
@@ -51,7 +52,7 @@ class RoomPool:
 
     def _fresh(self, room: NotebookRoom) -> None:
         for callback in self.on_fresh_document:
-            in_background(callback(room))
+            self.background.run(callback(room))
 
     def leave(self, path: str) -> None:
         self._users[path] = self._users.get(path, 1) - 1
@@ -59,7 +60,7 @@ class RoomPool:
             del self._users[path]
             room = self.rooms.pop(path, None)
             if room is not None:
-                in_background(room.close())
+                self.background.run(room.close())
 
     def leave_later(self, path: str) -> None:
         """Leave once `ROOM_LINGER` has passed: the next write often comes soon."""

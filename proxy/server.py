@@ -31,7 +31,7 @@ from .links import LinkContext, WebsocketLink, ZmqLink, connection_file
 from .metrics import RelayCounts, exposition, registry_for
 from .pages import AppPages
 from .passthrough import PassThrough
-from .relay import Relay, Tap, in_background
+from .relay import Background, Relay, Tap
 from .rooms import RoomPool
 from .settings import ProxySettings
 from .spool import Spool, SpoolReader
@@ -77,7 +77,8 @@ class ReplayProxy:
         self.audit = AuditApi(upstream, connect, lambda: set(self.relay.kernels))
         self.counts = RelayCounts()
         self.taps: list[Tap] = [writer, self.replayer, self.counts]
-        self.rooms = RoomPool(lambda path: NotebookRoom(upstream, path))
+        self.background = Background()
+        self.rooms = RoomPool(lambda path: NotebookRoom(upstream, path), self.background)
         self.folder: OutputFolder | None = None
         if settings.write_outputs:
             self.folder = OutputFolder(
@@ -85,7 +86,9 @@ class ReplayProxy:
             )
             self.taps.append(self.folder)
         self.collaboration_error: str | None = None
-        self.relay = Relay(self._make_link, self.taps, writer, self.replayer.remember)
+        self.relay = Relay(
+            self._make_link, self.taps, writer, self.background, self.replayer.remember
+        )
         self.executor: ServerExecutor | None = None
         if self.folder is not None and settings.server_side_execution:
             self.executor = ServerExecutor(
@@ -96,8 +99,9 @@ class ReplayProxy:
         self.zmq_context = zmq.asyncio.Context()
         self.spools = SpoolReader(settings.spool_dir)
         self.link_context = LinkContext(
-            upstream, self.zmq_context, self.spools, writer, self.replayer.recently_logged
-        )
+            upstream, self.zmq_context, self.spools, writer, self.replayer.recently_logged,
+            self.background,
+        )  # fmt: skip
         pages = AppPages(upstream.base_url, self._serves_server_side_execution)
         self.passthrough = PassThrough(upstream, pages, self._answered)
         self.channels = ChannelsHandler(
@@ -133,7 +137,7 @@ class ReplayProxy:
         await self.upstream.start()
         self._poller = asyncio.ensure_future(self._follow_kernels())
         if self.folder is not None:
-            in_background(self._check_collaboration())
+            self.background.run(self._check_collaboration())
 
     async def _check_collaboration(self) -> None:
         self.collaboration_error = await collaboration_problem(self.upstream)
@@ -155,7 +159,7 @@ class ReplayProxy:
         relay = self.relay.kernels.get(restarted[1]) if restarted else None
         if relay is not None and status == 200:
             relay.restarted()  # (jupyter-server tells its websockets of none it was asked)
-        in_background(self.refresh_kernels())
+        self.background.run(self.refresh_kernels())
 
     async def _cleanup(self, app: web.Application) -> None:
         self._closing = True
@@ -168,6 +172,7 @@ class ReplayProxy:
             self.folder.close()
         await self.rooms.close()
         await self.relay.close()
+        await self.background.cancel()
         await self.spools.close()
         await self.upstream.close()
         self.zmq_context.destroy(linger=0)  # every link closed its sockets; never hang on one

@@ -9,7 +9,7 @@ from typing import Any, cast
 
 from proxy.codecs import Message
 from proxy.execution import INTERNAL, ServerExecutor, _Job
-from proxy.relay import Client, KernelRelay, Relay
+from proxy.relay import Background, Client, KernelRelay, Relay
 from proxy.rooms import RoomPool
 from proxy.taps.yfold import OutputFolder
 from proxy.upstream import Upstream
@@ -91,7 +91,7 @@ def finish(relay: KernelRelay, parent: str, count: int) -> None:
 
 
 def folded(grace: float) -> tuple[KernelRelay, OutputFolder, RoomPool]:
-    rooms = RoomPool(MemoryRoom)
+    rooms = RoomPool(MemoryRoom, Background())
 
     async def nothing_logged(work: Any) -> Any:
         return []
@@ -141,14 +141,15 @@ async def test_the_executor_answers_with_what_the_cell_printed_and_its_prompt_an
     """A server-side execution: the executor's own client sends the cell; a frontend of the
     kernel is shown its input() prompt; the answer is echoed; the result and the notebook
     have the same outputs, written by the proxy only."""
-    rooms = RoomPool(MemoryRoom)
+    background = Background()
+    rooms = RoomPool(MemoryRoom, background)
 
     async def nothing_logged(work: Any) -> Any:
         return []
 
     folder = OutputFolder(rooms, lambda kernel_id: "notebook.ipynb", nothing_logged, 3600)
     taps: list[Any] = [folder]
-    relay = Relay(lambda *args: NoKernel(), taps, Numbered())
+    relay = Relay(lambda *args: NoKernel(), taps, Numbered(), background)
     executor = ServerExecutor(
         relay, cast(Upstream, None), rooms, lambda kernel_id: "notebook.ipynb", Committed(),
         lambda: 0,

@@ -29,7 +29,7 @@ from ..fold import OUTPUT_MESSAGES, Edit, NotebookFold
 from ..lifecycle import UNFINISHED_EXECUTIONS
 from ..links import RecentIds
 from ..metrics import LatencyHistogram
-from ..relay import FROM_KERNEL, Client, Requester, Tap, in_background
+from ..relay import FROM_KERNEL, Client, Requester, Tap
 from ..rooms import RoomPool
 from ..yroom import CollaborationUnavailable, NotebookRoom, set_outputs, youtput
 
@@ -186,7 +186,7 @@ class OutputFolder(Tap):
             delay = 0.0 if client.said_goodbye else self.grace
             loop = asyncio.get_running_loop()
             self._takeovers[client.client_id] = loop.call_later(
-                delay, lambda: in_background(self._take_over(client))
+                delay, lambda: self.rooms.background.run(self._take_over(client))
             )
 
     async def restore(self, kernel_id: str) -> None:
@@ -215,7 +215,7 @@ class OutputFolder(Tap):
             if client_id not in self._takeovers:
                 gone = Client(client_id, kernel_id, logged.session_id, "", closed=True)
                 self._takeovers[client_id] = loop.call_later(
-                    self.grace, lambda gone=gone: in_background(self._take_over(gone))
+                    self.grace, lambda gone=gone: self.rooms.background.run(self._take_over(gone))
                 )
         log.info("Kernel %s: %d cell(s) still running when the proxy stopped",
                  kernel_id, len(restored))  # fmt: skip
