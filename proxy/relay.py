@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -594,7 +593,11 @@ class Relay:
         await asyncio.gather(*(tap.restore(kernel_id) for tap in self.taps))
         link = self.link_factory(kernel_id, deliver, self._gone)
         relay = KernelRelay(kernel_id, link, self.taps, self.ledger, memory)
-        await link.start()
+        try:
+            await link.start()
+        except BaseException:  # (cancelled: the proxy stops while it links)
+            await link.close()
+            raise
         self.kernels[kernel_id] = relay
         log.info("Following kernel %s over a %s link", kernel_id, link.kind)
         return relay
@@ -634,8 +637,9 @@ class Relay:
         await relay.link.close()
 
     async def close(self) -> None:
-        for starting in list(self._starting.values()):  # a link half made is closed too
-            with contextlib.suppress(Exception):
-                await starting
+        starting = list(self._starting.values())
+        for task in starting:  # a link being made (it waits up to 30 s for a kernel whose
+            task.cancel()  # iopub does not flow) is cancelled, and closed by its own start
+        await asyncio.gather(*starting, return_exceptions=True)
         for kernel_id in list(self.kernels):
             await self.drop(kernel_id, dead=False)
