@@ -834,6 +834,10 @@ class ReplayProxyApp(StrictApp):
         "stats": ("proxy.audit_app.StatsApp", "Figures about the log."),
         "prune": ("proxy.audit_app.PruneApp", "Delete the oldest part of the log."),
         "status": ("proxy.status_app.StatusApp", "The health of a running proxy."),
+        "hub-transcript": (
+            "proxy.hub_app.HubTranscriptApp",
+            "Who ran what on every running user server of a JupyterHub (for its admins).",
+        ),
     }
 
     def unexpected(self, argument: str) -> None:

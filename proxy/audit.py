@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -369,18 +369,24 @@ def _clip(text: str, limit: int) -> str:
 
 
 def transcript_text(found: Sequence[Execution]) -> Iterator[str]:
-    for execution in found:
+    return transcript_lines(execution.as_json() for execution in found)
+
+
+def transcript_lines(items: Iterable[dict[str, Any]]) -> Iterator[str]:
+    """Executions as the audit API gives them (:meth:`Execution.as_json`), as text."""
+    for item in items:
+        count, duration = item["execution_count"], item["duration_s"]
         yield (
-            f"[{execution.execution_count if execution.execution_count is not None else ' '}] "
-            f"{execution.requested_at}  {execution.user or '(unknown user)'}  "
-            f"{execution.notebook_path or execution.kernel_id}"
-            f"{'#' + execution.cell_id if execution.cell_id else ''}  "
-            f"{execution.status or 'unfinished'}"
-            f"{f' in {execution.duration_s:.3f} s' if execution.duration_s is not None else ''}"
+            f"[{count if count is not None else ' '}] "
+            f"{item['requested_at']}  {item['user'] or '(unknown user)'}  "
+            f"{item['notebook_path'] or item['kernel_id']}"
+            f"{'#' + item['cell_id'] if item['cell_id'] else ''}  "
+            f"{item['status'] or 'unfinished'}"
+            f"{f' in {duration:.3f} s' if duration is not None else ''}"
         )
-        yield from ("  > " + line for line in execution.code.splitlines() or [""])
-        for output in execution.outputs:
-            yield from ("    " + line for line in _output_lines(summarise_output(output)))
+        yield from ("  > " + line for line in item["code"].splitlines() or [""])
+        for shown in item["outputs"]:
+            yield from ("    " + line for line in _output_lines(shown))
         yield ""
 
 

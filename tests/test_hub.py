@@ -178,6 +178,23 @@ async def test_users_are_kept_apart(hub: Hub) -> None:
     )  # fmt: skip
     assert status_line.returncode == 0, status_line.stderr
     assert kernel_id in status_line.stdout
+
+    # a hub admin (here a service with access:servers) reads every server's trail at once;
+    # bob's own token may not even list the hub's users
+    def hub_transcript(token: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "jupyter-replay-proxy"), "hub-transcript", f"--hub-url={hub.url}",
+             f"--token={token}", "--format=json"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    admin = hub_transcript(hub.service_token)
+    assert admin.returncode == 0, admin.stderr
+    seen = [(e["hub_user"], e["code"]) for e in map(json.loads, admin.stdout.splitlines())]
+    assert seen == [("ada", "print('secret of ada')")]
+    refused = hub_transcript(bob)
+    assert refused.returncode == 1 and "the hub refused the token (403)" in refused.stderr
+    assert "secret of ada" not in refused.stdout
     await asyncio.gather(hub.stop_server("ada"), hub.stop_server("bob"))
 
 
