@@ -24,6 +24,9 @@ RESTARTED_STATES = ("restarting", "autorestarting")
 DEAD_STATE = "dead"
 SERVER_STATES = (*RESTARTED_STATES, DEAD_STATE)
 _SQL_SERVER_STATES = ", ".join(f"'{state}'" for state in SERVER_STATES)
+#: Messages of the log looked back over for what a kernel left unfinished (a proxy linking
+#: to it again): unanswered requests, unfinished executions.
+LOOKBACK = 100_000
 #: Unfinished executions followed per kernel at most (the oldest forgotten first).
 MAX_FOLLOWED = 10_000
 

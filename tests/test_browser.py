@@ -60,11 +60,42 @@ async def _open(browser: Browser, url: str) -> Page:
     page = await (await browser.new_context()).new_page()
     page.set_default_timeout(60_000)
     await page.goto(url)
+    return await notebook_ready(page)
+
+
+async def notebook_ready(page: Page) -> Page:
+    """Once the page shows the notebook and its kernel is ready (the toolbar's kernel status
+    shows it idle)."""
     await page.locator(".jp-Notebook .jp-Cell").first.wait_for()
-    # the kernel is ready once the toolbar's kernel status shows it idle
     await page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for()
     await asyncio.sleep(3)
     return page
+
+
+async def shows_every_line_and_the_count(page: Page) -> None:
+    """The reopened notebook: every line of the cell, and [1], not [*]."""
+    await _wait_for(page, f"line {LINES - 1}")
+    for _ in range(50):  # the count and the idle prompt follow the last line
+        if await _prompt(page) == "[1]:":
+            break
+        await asyncio.sleep(0.2)
+    assert _lines(await _output(page)) == EXPECTED
+    assert await _prompt(page) == "[1]:"  # not [*]
+
+
+async def saved_with_every_line(path: Path) -> None:
+    """The notebook on disk: the cell's count and every line, once the server saved them."""
+
+    def saved() -> dict:
+        return nbformat.read(path, as_version=4).cells[0]
+
+    for _ in range(100):
+        if saved().get("execution_count") == 1:
+            break
+        await asyncio.sleep(0.2)
+    cell = saved()
+    assert cell["execution_count"] == 1
+    assert "".join(o.get("text", "") for o in cell["outputs"]) == EXPECTED
 
 
 async def _output(page: Page) -> str:
@@ -107,26 +138,10 @@ async def test_jupyterlab_tab_closed_mid_run_then_reopened(
     await asyncio.sleep(0.4 * LINES)  # the cell ends with nobody watching
     second = await _open(browser, _lab_url(running.url, name, jupyter_server.token))
     try:
-        await _wait_for(second, f"line {LINES - 1}")
-        for _ in range(50):  # the count and the idle prompt follow the last line
-            if await _prompt(second) == "[1]:":
-                break
-            await asyncio.sleep(0.2)
-        assert _lines(await _output(second)) == EXPECTED
-        assert await _prompt(second) == "[1]:"  # not [*]
+        await shows_every_line_and_the_count(second)
     finally:
         await second.context.close()
-
-    def saved() -> dict:
-        return nbformat.read(jupyter_server.root_dir / name, as_version=4).cells[0]
-
-    for _ in range(100):
-        if saved().get("execution_count") == 1:
-            break
-        await asyncio.sleep(0.2)
-    cell = saved()
-    assert cell["execution_count"] == 1
-    assert "".join(o.get("text", "") for o in cell["outputs"]) == EXPECTED
+    await saved_with_every_line(jupyter_server.root_dir / name)
 
 
 async def test_two_tabs_show_every_line_once(

@@ -22,13 +22,20 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
-import nbformat
 import pytest
 from playwright.async_api import Browser, BrowserContext, Page
 
 from .conftest import open_channels, stream_text
 from .hub import ACTIVITY_INTERVAL, BIN, Hub, processes_of, start_hub, stop_hub
-from .test_browser import EXPECTED, LINES, _lines, _notebook, _output, _prompt, _wait_for, browser
+from .test_browser import (
+    LINES,
+    _notebook,
+    _wait_for,
+    browser,
+    notebook_ready,
+    saved_with_every_line,
+    shows_every_line_and_the_count,
+)
 
 __all__ = ["browser"]  # a fixture
 
@@ -56,13 +63,6 @@ async def _login(context: BrowserContext, hub: Hub, user: str, path: str) -> Pag
     return page
 
 
-async def _notebook_open(page: Page) -> Page:
-    await page.locator(".jp-Notebook .jp-Cell").first.wait_for()
-    await page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for()
-    await asyncio.sleep(3)
-    return page
-
-
 def _workspace(user: str, name: str) -> str:
     return f"/user/{user}/lab/workspaces/{uuid.uuid4().hex}/tree/{name}?reset"
 
@@ -74,7 +74,7 @@ async def test_a_tab_closed_mid_run_under_jupyterhub(hub: Hub, browser: Browser)
     await hub.start_server(user)
     context = await browser.new_context()
     try:
-        first = await _notebook_open(await _login(context, hub, user, _workspace(user, name)))
+        first = await notebook_ready(await _login(context, hub, user, _workspace(user, name)))
         await first.locator(".jp-Cell").first.click()
         await first.keyboard.press("Shift+Enter")
         await _wait_for(first, "line 2")
@@ -84,27 +84,11 @@ async def test_a_tab_closed_mid_run_under_jupyterhub(hub: Hub, browser: Browser)
         second = await context.new_page()  # the hub's cookies are the context's
         second.set_default_timeout(60_000)
         await second.goto(hub.url.rstrip("/") + _workspace(user, name))
-        await _notebook_open(second)
-        await _wait_for(second, f"line {LINES - 1}")
-        for _ in range(50):  # the count and the idle prompt follow the last line
-            if await _prompt(second) == "[1]:":
-                break
-            await asyncio.sleep(0.2)
-        assert _lines(await _output(second)) == EXPECTED
-        assert await _prompt(second) == "[1]:"  # not [*]
+        await notebook_ready(second)
+        await shows_every_line_and_the_count(second)
     finally:
         await context.close()
-
-    def saved() -> dict[str, Any]:
-        return nbformat.read(hub.home(user) / name, as_version=4).cells[0]
-
-    for _ in range(100):
-        if saved().get("execution_count") == 1:
-            break
-        await asyncio.sleep(0.2)
-    cell = saved()
-    assert cell["execution_count"] == 1
-    assert "".join(o.get("text", "") for o in cell["outputs"]) == EXPECTED
+    await saved_with_every_line(hub.home(user) / name)
     with sqlite3.connect(_log_of(hub, user)) as log:  # in the user's own data directory
         (lines,) = log.execute("SELECT count(*) FROM messages WHERE msg_type = 'stream'").fetchone()
     assert lines >= 1

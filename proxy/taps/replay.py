@@ -21,7 +21,7 @@ from datetime import datetime
 from typing import Any
 
 from ..codecs import Message
-from ..lifecycle import UNFINISHED_EXECUTIONS
+from ..lifecycle import LOOKBACK, UNFINISHED_EXECUTIONS
 from ..relay import Client, Departed, KernelMemory, Tap
 from .log import LogWriter
 
@@ -171,7 +171,7 @@ class Replayer(Tap):
         writer: LogWriter,
         connect: Callable[[], sqlite3.Connection],
         window: float = 24 * 3600,
-        lookback: int = 100_000,
+        lookback: int = LOOKBACK,
     ) -> None:
         self.writer = writer
         self._connect = connect

@@ -26,7 +26,7 @@ from typing import Any
 
 from ..codecs import Message
 from ..fold import OUTPUT_MESSAGES, Edit, NotebookFold
-from ..lifecycle import UNFINISHED_EXECUTIONS
+from ..lifecycle import LOOKBACK, UNFINISHED_EXECUTIONS
 from ..links import RecentIds
 from ..metrics import LatencyHistogram
 from ..relay import FROM_KERNEL, Client, Requester, Tap
@@ -46,8 +46,6 @@ SELECT msg_type, content FROM messages
 WHERE parent_msg_id = :parent AND channel = 'iopub' AND direction = 'from_kernel'
 ORDER BY seq
 """
-#: Messages looked back at when restoring (the replay tap's window).
-_LOOKBACK = 100_000
 
 
 @dataclass
@@ -64,7 +62,7 @@ class _Unfinished:
 def _unfinished_cells(conn: sqlite3.Connection, kernel_id: str) -> list[_Unfinished]:
     """The latest execution of each notebook cell of the kernel, if it is unfinished."""
     found = []
-    query = {"kernel": kernel_id, "lookback": _LOOKBACK}
+    query = {"kernel": kernel_id, "lookback": LOOKBACK}
     for seq, msg_id, client_id, metadata in conn.execute(UNFINISHED_EXECUTIONS, query):
         fields = _json(metadata) if metadata else None
         cell_id = fields.get("cellId") if isinstance(fields, dict) else None
