@@ -504,6 +504,7 @@ class WebsocketLink:
         upstream: Upstream,
         deliver: Callable[[Message], None],
         gone: Callable[[str], None],
+        background: Background,
         max_held: int = 10_000,
     ) -> None:
         self.kernel_id = kernel_id
@@ -511,7 +512,11 @@ class WebsocketLink:
         self.upstream = upstream
         self.deliver = deliver
         self.gone = gone
+        self.background = background
         self.max_held = max_held
+        self._held: list[Message] | None = None  # after a restart, until iopub flows again
+        self._nudges: set[str] = set()
+        self._iopub_flowing = asyncio.Event()
         self._outgoing: collections.deque[Message] = collections.deque()
         self._wakeup = asyncio.Event()
         self._connected = asyncio.Event()
@@ -564,6 +569,12 @@ class WebsocketLink:
                         "Kernel %s: invalid frame from jupyter-server: %s", self.kernel_id, error
                     )
                     continue
+                if message.parent_msg_id in self._nudges:
+                    if message.channel == "iopub":
+                        self._iopub_flowing.set()  # (its statuses reach clients, as any)
+                    else:
+                        self._nudges.discard(message.parent_msg_id)
+                        continue  # the reply to the link's own kernel_info_request
                 self.deliver(message)
         finally:
             self._connected.clear()
@@ -580,6 +591,9 @@ class WebsocketLink:
             await self._wakeup.wait()
 
     def send(self, message: Message) -> None:
+        if self._held is not None and len(self._held) < self.max_held:
+            self._held.append(message)
+            return
         if len(self._outgoing) >= self.max_held:
             log.error(
                 "Kernel %s: link down too long, dropping a %s", self.kernel_id, message.msg_type
@@ -592,7 +606,38 @@ class WebsocketLink:
         """This link is itself a connection jupyter-server counts: nothing to do."""
 
     def resync(self) -> None:
-        """jupyter-server follows its own restarts on this link's behalf."""
+        """After a restart: hold client messages until the new kernel's iopub reaches
+        jupyter-server's websocket again. Its subscription reconnects by itself but misses
+        what the kernel publishes before it lands: a request sent in that window would lose
+        output (seen: a cell's reply and idle status came, its printed line did not)."""
+        if self._held is None:
+            self._held = []
+            self._iopub_flowing.clear()
+            self.background.run(self._nudge())
+
+    async def _nudge(self, timeout: float = 30.0) -> None:
+        """Ask for kernel_info until iopub of one of the requests comes, then send what was
+        held (after `timeout` anyway)."""
+        session = Session(key=b"unused: jupyter-server signs", username="replay-proxy")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self._iopub_flowing.is_set() and loop.time() < deadline:
+            msg = session.msg("kernel_info_request")
+            parts = [
+                session.pack(msg[k]) for k in ("header", "parent_header", "metadata", "content")
+            ]
+            self._nudges.add(msg["header"]["msg_id"])
+            self._outgoing.append(
+                message_from_parts(
+                    "shell", parts, allowed_channels=KERNEL_CHANNELS, validate_body=True
+                )
+            )
+            self._wakeup.set()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._iopub_flowing.wait(), 0.25)
+        held, self._held = self._held or [], None
+        for message in held:
+            self.send(message)
 
     async def close(self) -> None:
         if self._task is not None:

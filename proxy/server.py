@@ -231,8 +231,9 @@ class ReplayProxy:
                     raise
                 log.debug("Kernel %s: no zmq link (%s)", kernel_id, error)
         return WebsocketLink(
-            kernel_id, self.settings.websocket_link_session_id, self.upstream, deliver, gone
-        )
+            kernel_id, self.settings.websocket_link_session_id, self.upstream, deliver, gone,
+            self.background,
+        )  # fmt: skip
 
     # --- the proxy's own endpoints ---------------------------------------------------------
 
