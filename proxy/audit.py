@@ -16,7 +16,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .fold import OUTPUT_MESSAGES, NotebookFold, join_text, stdin_echo
+from .fold import FOLDED_MESSAGES, NotebookFold, join_text, stdin_echo
 from .upstream import is_placeholder_path
 
 if TYPE_CHECKING:
@@ -285,7 +285,7 @@ def _fold(
     since is not shown, as a frontend drops it."""
     notebook = NotebookFold()
     by_msg_id = {execution.msg_id: execution for execution in found}
-    output_types = ", ".join(f"'{kind}'" for kind in sorted(OUTPUT_MESSAGES))
+    folded_types = ", ".join(f"'{kind}'" for kind in sorted(FOLDED_MESSAGES))
     events: list[tuple[int, Execution, str | None, str | None]] = [
         (execution.seq, execution, None, None) for execution in found
     ]
@@ -296,7 +296,7 @@ def _fold(
             f"""
             SELECT seq, parent_msg_id, msg_type, content FROM messages
             WHERE parent_msg_id IN ({", ".join("?" * len(chunk))})
-                AND channel = 'iopub' AND msg_type IN ({output_types})
+                AND channel = 'iopub' AND msg_type IN ({folded_types})
             """,
             chunk,
         )

@@ -27,7 +27,7 @@ from aiohttp import web
 from jupyter_client.session import Session
 
 from .codecs import KERNEL_CHANNELS, Message, message_from_parts, readdressed
-from .fold import OUTPUT_MESSAGES, NotebookFold
+from .fold import FOLDED_MESSAGES, NotebookFold
 from .relay import FROM_KERNEL, Client, Relay, Requester, Tap
 from .rooms import RoomPool
 from .upstream import Upstream, credential_headers, is_kernel_id, json_error
@@ -218,7 +218,7 @@ class ServerExecutor(Tap):
         if job is None:
             return
         content = message.content()
-        if message.channel == "iopub" and message.msg_type in OUTPUT_MESSAGES:
+        if message.channel == "iopub" and message.msg_type in FOLDED_MESSAGES:
             if isinstance(content, dict):
                 job.outputs.apply(job.uid, message.msg_type, content)
         elif message.msg_type == "input_request" and isinstance(content, dict):

@@ -14,17 +14,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+#: The iopub messages that change a cell's outputs (the audit view ``outputs`` names the same).
 OUTPUT_MESSAGES = frozenset(
-    {
-        "stream",
-        "display_data",
-        "update_display_data",
-        "execute_result",
-        "error",
-        "clear_output",
-        "execute_input",
-    }
+    {"stream", "display_data", "update_display_data", "execute_result", "error", "clear_output"}
 )
+#: What the fold takes: the outputs, and execute_input for the cell's execution count.
+FOLDED_MESSAGES = OUTPUT_MESSAGES | {"execute_input"}
 
 _CONTROL = re.compile(r"([\r\n\x08])")
 

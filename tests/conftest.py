@@ -10,6 +10,7 @@ import secrets
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -318,7 +319,7 @@ class KernelChannels:
                 iopub.append(message)
                 if message.msg_type == "status" and message.content()["execution_state"] == "idle":
                     idle = True
-            elif message.msg_type == "execute_reply":
+            elif message.msg_type.endswith("_reply"):
                 reply = message
         return reply, iopub
 
@@ -398,6 +399,21 @@ async def open_channels_when_up(
         except aiohttp.ClientError:
             await asyncio.sleep(0.2)
     raise AssertionError(f"the proxy at {url} did not come up")
+
+
+async def finished_in_log(db: Path, executions: int = 1, timeout: float = 60) -> None:
+    """Until the log at `db` holds so many finished executions (their reply and idle logged):
+    what a test waits for rather than a cell's expected run time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.closing(sqlite3.connect(db)) as log:
+            (finished,) = log.execute(
+                "SELECT count(*) FROM executions WHERE finished_at IS NOT NULL"
+            ).fetchone()
+        if finished >= executions:
+            return
+        assert time.monotonic() < deadline, f"{finished} of {executions} executions finished"
+        await asyncio.sleep(0.1)
 
 
 def stream_text(iopub: list[Message]) -> str:

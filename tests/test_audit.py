@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import pytest
 
 from proxy import audit
 from proxy.database import connect, open_database
+from proxy.fold import OUTPUT_MESSAGES
 from proxy.retention import Policy, Pruner
 from proxy.taps.log import Redactor
 
@@ -446,3 +448,17 @@ async def test_the_proxy_applies_its_retention_policy(tmp_path: Path) -> None:
     finally:
         applying.cancel()
     assert 900 < left < 1_100
+
+
+def test_the_outputs_view_lists_the_output_types_the_fold_folds(tmp_path: Path) -> None:
+    """A migration is SQL fixed for good, so the `outputs` view names its message types itself:
+    it must name exactly those the fold (and the audit's transcript) treat as outputs."""
+    database = open_database(tmp_path / "log.sqlite")
+    try:
+        (view,) = database.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'view' AND name = 'outputs'"
+        ).fetchone()
+    finally:
+        database.close()
+    listed = set(re.findall(r"'(\w+)'", view.split(" IN ", 1)[1]))
+    assert listed == OUTPUT_MESSAGES

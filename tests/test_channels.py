@@ -48,15 +48,14 @@ async def test_three_clients_get_own_replies_and_all_iopub(
             msg_id, reply, _ = await client.execute(f"print('from client {i}')")
             assert reply.content()["status"] == "ok"
             request_ids.append(msg_id)
-        # Let every client drain what the others' executions produced.
-        await asyncio.sleep(0.5)
         for i, client in enumerate(clients):
-            while True:
-                try:
-                    await client.recv(timeout=0.3)
-                except asyncio.TimeoutError:
-                    break
-            replies = [m for m in client.received if m.channel == "shell"]
+            # What the kernel sent before a last request's reply (shell) and idle (iopub) has
+            # reached the client before them: each channel keeps its order.
+            barrier = await client.send("shell", "kernel_info_request", {})
+            await client.collect(barrier)
+            replies = [
+                m for m in client.received if m.channel == "shell" and m.parent_msg_id != barrier
+            ]
             assert [m.parent_msg_id for m in replies] == [request_ids[i]]
             printed = stream_text(  # every client's output, and nothing else (the kernel may
                 [m for m in client.received if m.parent_msg_id in request_ids]  # warn at start)

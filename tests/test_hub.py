@@ -25,10 +25,9 @@ import aiohttp
 import pytest
 from playwright.async_api import Browser, BrowserContext, Page
 
-from .conftest import open_channels, stream_text
+from .conftest import finished_in_log, open_channels, stream_text
 from .hub import ACTIVITY_INTERVAL, BIN, Hub, processes_of, start_hub, stop_hub
 from .test_browser import (
-    LINES,
     _notebook,
     _wait_for,
     browser,
@@ -80,7 +79,7 @@ async def test_a_tab_closed_mid_run_under_jupyterhub(hub: Hub, browser: Browser)
         await _wait_for(first, "line 2")
         await first.close()  # the tab goes away while the cell prints on
 
-        await asyncio.sleep(0.4 * LINES)  # the cell ends with nobody watching
+        await finished_in_log(_log_of(hub, user))  # the cell ends with nobody watching
         second = await context.new_page()  # the hub's cookies are the context's
         second.set_default_timeout(60_000)
         await second.goto(hub.url.rstrip("/") + _workspace(user, name))
@@ -208,7 +207,10 @@ async def test_the_hub_sees_a_running_cell_and_its_stop_leaves_nothing(hub: Hub)
         code = "import time\nfor i in range(8):\n    print(i, flush=True)\n    time.sleep(1)"
         async with http.post(execute, json={"code": code}) as resp:
             assert resp.status == 202, await resp.text()
-    await asyncio.sleep(6)  # no client is connected: only the kernel is busy
+    for _ in range(100):  # no client is connected: only the kernel is busy
+        if _activity(await hub.user(user)) >= started + 3:
+            break
+        await asyncio.sleep(0.1)
     assert _activity(await hub.user(user)) >= started + 3, "a running cell was not activity"
 
     assert any("spool_writer" in command for _, command in processes_of(user))

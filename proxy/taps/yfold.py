@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..codecs import Message
-from ..fold import OUTPUT_MESSAGES, Edit, NotebookFold
+from ..fold import FOLDED_MESSAGES, Edit, NotebookFold
 from ..lifecycle import LOOKBACK, UNFINISHED_EXECUTIONS
 from ..links import RecentIds
 from ..metrics import LatencyHistogram
@@ -128,7 +128,7 @@ class OutputFolder(Tap):
         key = (client.kernel_id, client.session_id)
 
         def hidden(message: Message) -> bool:
-            if message.channel != "iopub" or message.msg_type not in OUTPUT_MESSAGES:
+            if message.channel != "iopub" or message.msg_type not in FOLDED_MESSAGES:
                 return False
             taken = self._taken.get(key)
             return taken is not None and message.parent_msg_id in taken
@@ -154,7 +154,7 @@ class OutputFolder(Tap):
         execution = kernel.executions.get(message.parent_msg_id or "") if kernel else None
         if kernel is None or execution is None or execution.finished:
             return
-        if message.channel == "iopub" and message.msg_type in OUTPUT_MESSAGES:
+        if message.channel == "iopub" and message.msg_type in FOLDED_MESSAGES:
             if kernel.by_cell.get(execution.cell_id) is not execution:
                 return  # the cell was executed again: this output is nobody's to show
             content = message.content()
@@ -207,7 +207,7 @@ class OutputFolder(Tap):
             kernel.executions[logged.msg_id] = execution
             kernel.fold.start(logged.cell_id)
             for msg_type, content in logged.outputs:
-                if msg_type in OUTPUT_MESSAGES and isinstance(content, dict):
+                if msg_type in FOLDED_MESSAGES and isinstance(content, dict):
                     kernel.fold.apply(logged.cell_id, msg_type, content)
             kernel.fold.take_edits()
             if client_id not in self._takeovers:
