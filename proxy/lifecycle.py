@@ -68,6 +68,9 @@ class Executions:
     def __contains__(self, msg_id: object) -> bool:
         return msg_id in self._followed
 
+    def __len__(self) -> int:
+        return len(self._followed)
+
     def requested(self, msg_id: str) -> None:
         if len(self._followed) >= MAX_FOLLOWED:
             del self._followed[next(iter(self._followed))]

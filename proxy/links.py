@@ -106,13 +106,16 @@ class RecentIds:
 
 
 class _Presence:
-    """The zmq link's channels websocket on jupyter-server, held for as long as the link.
+    """The zmq link's channels websocket on jupyter-server, held while the kernel is in use
+    through the proxy (a client attached, or an execution unfinished), as a frontend's would be.
 
-    It makes jupyter-server count the kernel as connected and pass on the statuses only it
-    makes (restarting, dead). Its session_id is the same on every start of the proxy, so when
-    the proxy was killed, jupyter-server buffered what the kernel said meanwhile and hands it
-    over on reconnect: for a while after each connect (the *gap fill*) every iopub message the
-    zmq link has not relayed is relayed from here.
+    It makes jupyter-server count the kernel as connected (its culler spares it) and pass on
+    the statuses only it makes (restarting, dead). Released when nobody uses the kernel, so the
+    culler treats it as stock jupyter-server treats a kernel with no tab open. Its session_id
+    is the same on every start of the proxy, so when the proxy was killed, jupyter-server
+    buffered what the kernel said meanwhile and hands it over on reconnect: for a while after
+    the link's start (the *gap fill*) every iopub message the zmq link has not relayed is
+    relayed from here.
     """
 
     def __init__(self, upstream: Upstream, link: ZmqLink, session_id: str) -> None:
@@ -120,10 +123,21 @@ class _Presence:
         self.link = link
         self.session_id = session_id
         self.task: asyncio.Task[None] | None = None
+        self._ending: set[asyncio.Task[None]] = set()  # let go, closing their websocket
         self.tried = asyncio.Event()  # set after the first connection attempt
 
     def start(self) -> None:
         self.task = asyncio.ensure_future(self._run())
+
+    def hold(self, held: bool) -> None:
+        """Hold the websocket, or let it go (its task ends closing it)."""
+        if held and self.task is None:
+            self.start()
+        elif not held and self.task is not None:
+            task, self.task = self.task, None
+            task.cancel()
+            self._ending.add(task)
+            task.add_done_callback(self._ending.discard)
 
     async def _run(self) -> None:
         backoff = Backoff()
@@ -164,11 +178,8 @@ class _Presence:
                 self.link.deliver(message)
 
     async def close(self) -> None:
-        task, self.task = self.task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        self.hold(False)
+        await asyncio.gather(*self._ending, return_exceptions=True)
 
 
 class ZmqLink:
@@ -230,6 +241,7 @@ class ZmqLink:
         self._gap_filled: set[str] = set()
         self._presence_early: list[Message] = []  # what the presence relayed before recovery
         self.presence = _Presence(context.upstream, self, f"replay-proxy-{stable_id}")
+        self._in_use = False  # held from the start for the gap fill; then only while in use
 
     def _watched_stdin(
         self, context: zmq.asyncio.Context, info: dict[str, Any], identity: bytes
@@ -277,9 +289,10 @@ class ZmqLink:
         log (it was killed), before anything newer. Once this link's own subscription is live:
         the earlier reader hands the kernel over then, so nothing falls in between."""
         left = await asyncio.to_thread(self.context.spools.leftovers, self.kernel_id)
-        if left:  # (what of it the log has is its first part: as many, at most)
-            logged = await self.context.recently_logged(self.kernel_id, len(left) + 10_000)
-            self._gap_filled |= logged
+        # What the log has of it is its first part (as many, at most); what jupyter-server
+        # kept for the presence may reach back to its last release, logged since.
+        logged = await self.context.recently_logged(self.kernel_id, len(left) + 10_000)
+        self._gap_filled |= logged
         relayed = 0
         for frames in left:
             channel = "iopub"
@@ -423,6 +436,7 @@ class ZmqLink:
             self._join_due = True
             return
         self.joined.set()
+        self.presence.hold(self._in_use)
         early, self._early, self._early_ids = self._early, [], set()
         filled, self._gap_filled = self._gap_filled, set()
 
@@ -461,8 +475,12 @@ class ZmqLink:
         if not sent.cancelled() and sent.exception() is not None:
             log.warning("Kernel %s: cannot send: %s", self.kernel_id, sent.exception())
 
-    def set_clients_attached(self, count: int) -> None:
-        """The presence is held for as long as the link, clients or not."""
+    def set_in_use(self, in_use: bool) -> None:
+        """Hold the presence while the kernel is in use through the proxy (from the join on:
+        until then it fills the gap)."""
+        self._in_use = in_use
+        if self.joined.is_set():
+            self.presence.hold(in_use)
 
     async def close(self) -> None:
         """Stop following the kernel. The presence goes first (from then on jupyter-server
@@ -602,8 +620,9 @@ class WebsocketLink:
         self._outgoing.append(message)
         self._wakeup.set()
 
-    def set_clients_attached(self, count: int) -> None:
-        """This link is itself a connection jupyter-server counts: nothing to do."""
+    def set_in_use(self, in_use: bool) -> None:
+        """This link is itself a connection jupyter-server counts, held for as long as the
+        link: released, jupyter-server would keep what the kernel says for it until it is back."""
 
     def resync(self) -> None:
         """After a restart: hold client messages until the new kernel's iopub reaches

@@ -106,7 +106,7 @@ class KernelLink(Protocol):
 
     def send(self, message: Message) -> None: ...
 
-    def set_clients_attached(self, count: int) -> None: ...
+    def set_in_use(self, in_use: bool) -> None: ...
 
     def resync(self) -> None: ...
 
@@ -356,12 +356,14 @@ class KernelRelay:
         self.pending_input = memory.pending_input  # an input_request nobody has answered yet
         self.executions = Executions(memory.executions)
         self.dead = False
+        self._in_use = False
+        self._tell_link_in_use()
 
     def attach(self, client: Client) -> None:
         self.clients[client.client_id] = client
         for tap in self.taps:
             tap.client_joined(client)
-        self.link.set_clients_attached(len(self.clients))
+        self._tell_link_in_use()
 
     def detach(self, client: Client) -> None:
         client.close()
@@ -375,7 +377,15 @@ class KernelRelay:
             return
         for tap in self.taps:
             tap.client_left(client)
-        self.link.set_clients_attached(len(self.clients))
+        self._tell_link_in_use()
+
+    def _tell_link_in_use(self) -> None:
+        """Tell the link whether anyone uses the kernel through the proxy: a client attached,
+        or an execution unfinished (jupyter-server then counts the kernel as connected)."""
+        in_use = bool(self.clients) or bool(self.executions)
+        if in_use != self._in_use:
+            self._in_use = in_use
+            self.link.set_in_use(in_use)
 
     def confirm_delivery(self, client: Client, seq: int) -> None:
         """The client acknowledged everything meant for it up to `seq` (or, on joining, that
@@ -437,6 +447,7 @@ class KernelRelay:
         if message.msg_type == "execute_request":
             self.executions.requested(message.msg_id)
             self._tell("execution_requested", self.kernel_id, message, client)
+            self._tell_link_in_use()
         self._outbox.append(message)
         if self._forwarding is None:
             self._forwarding = asyncio.ensure_future(self._forward())
@@ -502,6 +513,7 @@ class KernelRelay:
             finished = self.executions.passed(message)
             if finished is not None:
                 self._tell("execution_finished", self.kernel_id, *finished)
+                self._tell_link_in_use()
 
     def restarted(self) -> None:
         """The kernel was restarted (a status only jupyter-server makes, or a restart request
@@ -522,6 +534,7 @@ class KernelRelay:
     def _end_executions(self) -> None:
         for msg_id, reply in self.executions.end_all():
             self._tell("execution_finished", self.kernel_id, msg_id, reply)
+        self._tell_link_in_use()
 
     def _tell(self, event: str, *args: Any) -> None:
         for tap in self.taps:

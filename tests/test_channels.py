@@ -280,39 +280,100 @@ async def test_lossless_over_jupyter_servers_rate_limit(
     assert logged.split() == [str(i) for i in range(lines)]
 
 
-async def test_jupyter_server_counts_a_followed_kernel_as_connected(
+async def _connections(server: JupyterServer, kernel_id: str) -> int | None:
+    """jupyter-server's count of a kernel's connections (None once the kernel is gone)."""
+    async with (
+        aiohttp.ClientSession(headers=server.headers()) as http,
+        http.get(server.url + f"api/kernels/{kernel_id}") as resp,
+    ):
+        return (await resp.json())["connections"] if resp.status == 200 else None
+
+
+async def _until_connections(
+    server: JupyterServer, kernel_id: str, count: int | None, timeout: float = 15
+) -> None:
+    deadline = time.monotonic() + timeout
+    while (now := await _connections(server, kernel_id)) != count:
+        assert time.monotonic() < deadline, f"{now} connections, not {count}"
+        await asyncio.sleep(0.1)
+
+
+async def test_jupyter_server_counts_a_kernel_in_use_through_the_proxy_as_connected(
     aiohttp_server, jupyter_server: JupyterServer, kernel_id: str, tmp_path
 ) -> None:
-    """The zmq link's presence is a channels connection of jupyter-server's own (its culler
-    and `connections` count see it), held for as long as the proxy follows the kernel: until
-    the proxy shuts down (a drop alone would race the proxy's own kernel poll, which links
-    every running kernel again)."""
-    from .conftest import make_proxy
+    """The zmq link's presence is a channels connection of jupyter-server's own, held while a
+    client is attached or an execution unfinished, as a tab's would be: nobody attached and
+    nothing running, the kernel counts no connection, as stock jupyter-server counts it."""
+    from .conftest import finished_in_log, make_proxy
 
     zmq_proxy = await make_proxy(
         aiohttp_server, jupyter_server.url, jupyter_server.token, jupyter_server.runtime_dir,
         tmp_path / "log.sqlite", link="zmq", kernel_poll_interval=3600,
     )  # fmt: skip
-
-    async def connections() -> int:
-        async with (
-            aiohttp.ClientSession(headers=jupyter_server.headers()) as http,
-            http.get(jupyter_server.url + f"api/kernels/{kernel_id}") as resp,
-        ):
-            return (await resp.json())["connections"]
-
     await zmq_proxy.proxy.refresh_kernels()
-    for _ in range(50):
-        if await connections() == 1:
+    kernels = zmq_proxy.proxy.relay.kernels
+    for _ in range(150):  # followed: linked, and past the gap fill after its start
+        if kernel_id in kernels and kernels[kernel_id].link.joined.is_set():
             break
         await asyncio.sleep(0.1)
-    assert await connections() == 1
-    await zmq_proxy.server.close()
-    for _ in range(150):
-        if await connections() == 0:
-            break
-        await asyncio.sleep(0.1)
-    assert await connections() == 0
+    assert kernels[kernel_id].link.joined.is_set()
+    await _until_connections(jupyter_server, kernel_id, 0)  # followed, logged, not in use
+
+    client = await open_channels(zmq_proxy.url, kernel_id, jupyter_server.token)
+    try:
+        await _until_connections(jupyter_server, kernel_id, 1)
+        msg_id = await client.send(
+            "shell", "execute_request",
+            {"code": "import time\nfor i in range(3):\n    print(i, flush=True)\n"
+                     "    time.sleep(0.5)",
+             "silent": False, "store_history": False, "user_expressions": {},
+             "allow_stdin": False},
+        )  # fmt: skip
+        while not stream_text([m for m in client.received if m.parent_msg_id == msg_id]):
+            await client.recv()
+    finally:
+        await client.close()
+    assert await _connections(jupyter_server, kernel_id) == 1  # the cell runs on, unwatched
+    await finished_in_log(tmp_path / "log.sqlite")
+    await _until_connections(jupyter_server, kernel_id, 0)
+
+    client = await open_channels(zmq_proxy.url, kernel_id, jupyter_server.token)
+    try:
+        await _until_connections(jupyter_server, kernel_id, 1)
+        await zmq_proxy.server.close()
+        await _until_connections(jupyter_server, kernel_id, 0)
+    finally:
+        await client.close()
+
+
+async def test_jupyter_servers_culler_culls_a_kernel_nobody_uses_through_the_proxy(
+    aiohttp_server, tmp_path
+) -> None:
+    """With `cull_idle_timeout` set, an idle kernel with no tab open is shut down, and one with
+    a tab open (`cull_connected` unset) is not: the same through the proxy."""
+    from .conftest import make_proxy, start_jupyter_server, start_kernel, stop_jupyter_server
+
+    server = start_jupyter_server(
+        tmp_path, "--MappingKernelManager.cull_idle_timeout=2",
+        "--MappingKernelManager.cull_interval=1",
+    )  # fmt: skip
+    try:
+        watched, unwatched = await start_kernel(server), await start_kernel(server)
+        running = await make_proxy(
+            aiohttp_server, server.url, server.token, server.runtime_dir,
+            tmp_path / "log.sqlite", link="zmq", kernel_poll_interval=0.5,
+        )  # fmt: skip
+        client = await open_channels(running.url, watched, server.token)
+        try:
+            await client.execute("1")
+            await _until_connections(server, unwatched, None, timeout=30)  # culled
+            assert await _connections(server, watched) == 1
+            _, reply, _ = await client.execute("2")
+            assert reply.content()["status"] == "ok"
+        finally:
+            await client.close()
+    finally:
+        stop_jupyter_server(server)
 
 
 async def test_disallowed_message_types_are_dropped_like_jupyter_server_does(

@@ -94,7 +94,7 @@ class NoKernel:
     def send(self, message: Message) -> None:
         pass
 
-    def set_clients_attached(self, count: int) -> None:
+    def set_in_use(self, in_use: bool) -> None:
         pass
 
     def resync(self) -> None:
