@@ -19,7 +19,7 @@ import collections
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,7 +64,7 @@ class ServerExecutor(Tap):
         relay: Relay,
         upstream: Upstream,
         rooms: RoomPool,
-        notebook_of: Callable[[str], str | None],
+        notebook_of: Callable[[str], Awaitable[str | None]],
         backlog: Any,
         last_seq: Callable[[], int],
     ) -> None:
@@ -112,7 +112,7 @@ class ServerExecutor(Tap):
             raise json_error(400, "code and cell_id must be strings")
         if code is None and cell_id is None:
             raise json_error(400, "give cell_id (and document_id), or code")
-        path = metadata.get("document_path") or self.notebook_of(kernel_id)
+        path = metadata.get("document_path") or await self.notebook_of(kernel_id)
         if cell_id is not None and path is None:
             raise json_error(400, f"kernel {kernel_id} has no notebook session to write into")
         job = _Job(uuid.uuid4().hex, kernel_id, cell_id, code, path, username)

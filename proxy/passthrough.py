@@ -23,7 +23,8 @@ log = logging.getLogger("jupyter_replay_proxy")
 
 class PassThrough:
     """Forwards a request to jupyter-server; `answered(request, status)` hears of each
-    POST to the kernels and sessions API (a kernel may have started or restarted)."""
+    POST to the kernels and sessions API (a kernel may have started or restarted) and each
+    PATCH of a session (its notebook or kernel may have changed)."""
 
     def __init__(
         self,
@@ -39,9 +40,12 @@ class PassThrough:
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return await self._forward_websocket(request)
         response = await self._forward_http(request)
-        if request.method == "POST" and request.path.startswith(
-            (self.upstream.base_url + "api/kernels", self.upstream.base_url + "api/sessions")
-        ):
+        api = self.upstream.base_url + "api/"
+        changes_kernels = request.method == "POST" and request.path.startswith(
+            (api + "kernels", api + "sessions")
+        )
+        changes_a_session = request.method == "PATCH" and request.path.startswith(api + "sessions")
+        if changes_kernels or changes_a_session:
             self.answered(request, response.status)
         return response
 

@@ -92,7 +92,7 @@ class ReplayProxy:
         self.executor: ServerExecutor | None = None
         if self.folder is not None and settings.server_side_execution:
             self.executor = ServerExecutor(
-                self.relay, upstream, self.rooms, self._notebooks.get, self.replayer,
+                self.relay, upstream, self.rooms, self.notebook_of, self.replayer,
                 lambda: writer.last_seq,
             )  # fmt: skip
             self.taps.append(self.executor)
@@ -153,8 +153,9 @@ class ReplayProxy:
         return self.executor is not None and self.collaboration_error is None
 
     def _answered(self, request: web.Request, status: int) -> None:
-        """jupyter-server answered a POST to its kernels or sessions API: a kernel may have
-        started (linked at once, not at the next poll) or restarted."""
+        """jupyter-server answered a POST to its kernels or sessions API or a session's PATCH:
+        a kernel may have started (linked at once, not at the next poll) or restarted, or a
+        notebook got its kernel."""
         restarted = _RESTART.fullmatch(request.path[len(self.upstream.base_url) :])
         relay = self.relay.kernels.get(restarted[1]) if restarted else None
         if relay is not None and status == 200:
@@ -193,6 +194,14 @@ class ReplayProxy:
         self.upstream_error = None
         await self._note_notebooks()  # first: a takeover after a restart looks its notebook up
         await self.relay.sync(running, listed_at)
+
+    async def notebook_of(self, kernel_id: str) -> str | None:
+        """The notebook a kernel serves: as last noted, else as jupyter-server's sessions say
+        now (JupyterLab names it in a PATCH just after creating the session, and may run a
+        cell at once)."""
+        if kernel_id not in self._notebooks:
+            await self._note_notebooks()
+        return self._notebooks.get(kernel_id)
 
     async def _note_notebooks(self) -> None:
         """Log which notebook each kernel serves, when that is new: the audit trail's paths."""

@@ -68,7 +68,6 @@ async def notebook_ready(page: Page) -> Page:
     shows it idle)."""
     await page.locator(".jp-Notebook .jp-Cell").first.wait_for()
     await page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for()
-    await asyncio.sleep(3)
     return page
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -218,6 +219,41 @@ async def _until_done(http: aiohttp.ClientSession, location: str, timeout: float
                 return resp.status, await resp.json(), resp.headers.get("Location")
         assert asyncio.get_running_loop().time() < deadline, "execution did not end"
         await asyncio.sleep(0.1)
+
+
+async def test_a_cell_run_as_soon_as_jupyterlab_names_its_notebook(
+    aiohttp_server, jupyter_server: JupyterServer, tmp_path: Path
+) -> None:
+    """JupyterLab creates a notebook's session under a placeholder path and names the notebook
+    in a PATCH just after; a cell run at once finds its notebook (it was refused, "no notebook
+    session", when it came before the proxy's next look at the sessions)."""
+    name = "named-late.ipynb"
+    _notebook(jupyter_server.root_dir, name, {"printing": "print('ran')"})
+    running = await make_proxy(
+        aiohttp_server, jupyter_server.url, jupyter_server.token, jupyter_server.runtime_dir,
+        tmp_path / "log.sqlite", link="zmq", kernel_poll_interval=3600,
+    )  # fmt: skip
+    async with aiohttp.ClientSession(headers=jupyter_server.headers()) as http:
+        async with http.post(running.url + "api/sessions", json={
+            "path": str(uuid.uuid4()), "type": "notebook", "name": "",
+            "kernel": {"name": "python3"},
+        }) as resp:  # fmt: skip
+            assert resp.status == 201, await resp.text()
+            session = await resp.json()
+        kernel_id = session["kernel"]["id"]
+        await running.proxy.refresh_kernels()  # (the proxy has looked: a placeholder)
+        try:
+            async with http.patch(
+                running.url + f"api/sessions/{session['id']}", json={"path": name, "name": name}
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+            location = await _queue_execution(
+                http, running.url, kernel_id, {"cell_id": "printing", "document_id": "json:x"}
+            )
+            status, result, _ = await _until_done(http, location)
+            assert status == 200 and result["status"] == "ok"
+        finally:
+            await _delete_kernel(jupyter_server, kernel_id)
 
 
 async def test_server_side_execution_of_a_cell_from_its_y_document(
