@@ -103,7 +103,8 @@ class Executions:
 #: The same rule on the log, for a proxy linking to a kernel again: its execute_requests (within
 #: the last :lookback messages) still unfinished, oldest first. Followed again, one ends at its
 #: idle status alone, so one whose idle status is logged has finished (its reply, if it is not
-#: logged, went to the proxy that stopped); and none survives a restart or death of the kernel.
+#: logged, went to the proxy that stopped); and none survives a restart or death of the kernel
+#: (as the relay decided it, `kernel_events`; in logs older than that table, a server status).
 UNFINISHED_EXECUTIONS = f"""
 SELECT m.seq, m.msg_id, m.client_id, m.metadata
 FROM messages AS m
@@ -113,6 +114,10 @@ WHERE m.kernel_id = :kernel AND m.direction = 'to_kernel' AND m.msg_type = 'exec
         SELECT 1 FROM messages AS i
         WHERE i.parent_msg_id = m.msg_id AND i.msg_type = 'status'
           AND json_extract(i.content, '$.execution_state') = 'idle'
+    )
+  AND NOT EXISTS (
+        SELECT 1 FROM kernel_events AS e
+        WHERE e.kernel_id = :kernel AND e.after_seq >= m.seq
     )
   AND NOT EXISTS (
         SELECT 1 FROM messages AS s

@@ -2,10 +2,10 @@
 
 - :class:`ZmqLink` talks to the kernel itself over zmq, signed with the key of its connection
   file. Nothing stands between it and the kernel, so nothing is dropped: jupyter-server's
-  websocket rate limit never applies. For as long as it links the kernel it also holds one
-  channels websocket to jupyter-server (the *presence*), so the server counts the kernel as
-  connected (its culler) and so the status messages only the server makes (restarting, dead)
-  reach the relay, which decides what they mean (:mod:`proxy.lifecycle`).
+  websocket rate limit never applies. While the kernel is in use through the proxy it also
+  holds one channels websocket to jupyter-server (the *presence*), so the server counts the
+  kernel as connected (its culler) and so the status messages only the server makes
+  (restarting, dead) reach the relay, which decides what they mean (:mod:`proxy.lifecycle`).
 - :class:`WebsocketLink` is one channels websocket to jupyter-server, for kernels whose
   connection file the proxy cannot read (remote, gateway). It keeps one session_id for good and
   reconnects under it, so jupyter-server's own buffer covers a gap; the rate limit applies.

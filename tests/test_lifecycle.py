@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from proxy.codecs import KERNEL_CHANNELS, Message, message_from_parts
 from proxy.lifecycle import Executions, kernel_event
-from proxy.relay import Client, KernelRelay, Requester, Tap
+from proxy.relay import Client, KernelMemory, KernelRelay, Requester, Tap
 
 
 def made(
@@ -90,12 +90,13 @@ class NoKernel:
 
     def __init__(self) -> None:
         self.resyncs = 0
+        self.in_use: list[bool] = []  # what the relay said, in order
 
     def send(self, message: Message) -> None:
         pass
 
     def set_in_use(self, in_use: bool) -> None:
-        pass
+        self.in_use.append(in_use)
 
     def resync(self) -> None:
         self.resyncs += 1
@@ -171,3 +172,33 @@ async def test_the_relay_tells_the_taps_the_lifecycle_after_the_messages() -> No
     relay.died()
     assert tap.events == [("dead",)]
     relay.close()
+
+
+async def test_a_kernel_is_in_use_while_a_client_is_attached_or_an_execution_unfinished() -> None:
+    """What the zmq link holds its presence on jupyter-server for (its culler's `connections`):
+    told on each change only."""
+    link = NoKernel()
+    relay = KernelRelay("k", link, [], Numbered())
+    tab, other = Client("c", "k", "s", "v1"), Client("d", "k", "t", "v1")
+    relay.attach(tab)
+    relay.attach(other)
+    relay.detach(other)
+    assert link.in_use == [True]
+    relay.from_client(tab, made("shell", "execute_request", {"code": "1"}, msg_id="request"))
+    relay.detach(tab)  # the tab closed; its cell runs on
+    assert link.in_use == [True]
+    relay.from_kernel(reply("request"))
+    relay.from_kernel(status("idle", "request"))
+    assert link.in_use == [True, False]
+
+    relay.attach(tab)
+    relay.from_client(tab, made("shell", "execute_request", {"code": "2"}, msg_id="second"))
+    relay.detach(tab)
+    relay.from_kernel(status("restarting"))  # a restart ends what was running
+    assert link.in_use == [True, False, True, False]
+    relay.close()
+
+    link = NoKernel()
+    restored = KernelRelay("k", link, [], Numbered(), KernelMemory(executions=["x"]))
+    assert link.in_use == [True]  # followed again after a restart of the proxy
+    restored.close()

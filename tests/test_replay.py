@@ -12,7 +12,7 @@ import pytest
 
 from proxy.codecs import KERNEL_CHANNELS, message_from_parts
 from proxy.database import connect, open_database
-from proxy.relay import FROM_KERNEL, TO_KERNEL
+from proxy.relay import FROM_KERNEL, TO_KERNEL, Client, KernelRelay
 from proxy.taps.log import LogWriter
 from proxy.taps.replay import Replayer
 
@@ -25,6 +25,7 @@ from .conftest import (
     serve_proxy,
     stream_text,
 )
+from .test_lifecycle import NoKernel, made, status
 
 COUNT_SLOWLY = "import time\nfor i in range(10):\n    print(i, flush=True)\n    time.sleep(0.3)"
 EXECUTE = {"silent": False, "store_history": True, "user_expressions": {}, "allow_stdin": False}
@@ -312,6 +313,36 @@ async def test_a_cell_runs_until_both_its_reply_and_its_idle_are_logged(tmp_path
         assert writer.flush()
         assert (await replayer.remember(kernel_id)).executions == []
     finally:
+        replayer.close()
+        writer.close()
+
+
+async def test_a_restart_the_log_has_no_message_of_ends_what_ran_for_a_later_proxy(
+    tmp_path,
+) -> None:
+    """A restart asked of jupyter-server's REST API leaves no message in the log. The relay's
+    decision is logged in its stead (the log tap hears `kernel_restarted`), so a proxy started
+    later does not follow an execution that restart ended, as it would for one still running."""
+    db = tmp_path / "log.sqlite"
+    open_database(db).close()
+    writer = LogWriter(lambda: connect(db))
+    replayer = Replayer(writer, lambda: connect(db))
+    relay = KernelRelay("k", NoKernel(), [writer], writer)
+    tab = Client("c", "k", "s", "v1")
+    try:
+        relay.attach(tab)
+        relay.from_client(tab, made("shell", "execute_request", {"code": "1"}, msg_id="ran"))
+        relay.from_kernel(status("busy", "ran"))
+        assert writer.flush()
+        assert (await replayer.remember("k")).executions == ["ran"]
+        relay.restarted()  # (as the pass-through reports a restart jupyter-server accepted)
+        assert writer.flush()
+        assert (await replayer.remember("k")).executions == []
+        relay.from_client(tab, made("shell", "execute_request", {"code": "2"}, msg_id="after"))
+        assert writer.flush()
+        assert (await replayer.remember("k")).executions == ["after"]
+    finally:
+        relay.close()
         replayer.close()
         writer.close()
 

@@ -51,6 +51,9 @@ _CLIENT_LEFT = "UPDATE clients SET disconnected_at = ? WHERE client_id = ?"
 _SET_ASIDE = """
 INSERT INTO set_aside (set_aside_at, kind, seq, kernel_id, reason, row) VALUES (?, ?, ?, ?, ?, ?)
 """
+_KERNEL_EVENT = """
+INSERT INTO kernel_events (kernel_id, event, after_seq, happened_at) VALUES (?, ?, ?, ?)
+"""
 _DELIVERED = """
 INSERT INTO deliveries (kernel_id, session_id, seq, updated_at) VALUES (?, ?, ?, ?)
 ON CONFLICT (kernel_id, session_id)
@@ -222,6 +225,14 @@ class LogWriter(Tap):
     def delivery_confirmed(self, client: Client, seq: int) -> None:
         if client.session_id is not None:
             self._enqueue("d", (client.kernel_id, client.session_id, seq, time.time()))
+
+    def kernel_restarted(self, kernel_id: str) -> None:
+        """Logged as the relay decided it: a restart asked of jupyter-server's REST API leaves
+        no message of its own in the log."""
+        self._enqueue("k", (kernel_id, "restarted", self.last_seq, time.time()))
+
+    def kernel_dead(self, kernel_id: str) -> None:
+        self._enqueue("k", (kernel_id, "dead", self.last_seq, time.time()))
 
     def _enqueue(self, kind: str, item: Any) -> None:
         if len(self._pending) + len(self._unwritten) >= self.max_pending:
@@ -403,6 +414,10 @@ class LogWriter(Tap):
                     kernel_id, path, session_type, at = item
                     notebook = (kernel_id, path, _string(session_type), iso(at), iso(at))
                     rows["notebook"].append((notebook, ("notebook", None, kernel_id, item)))
+                elif kind == "k":
+                    kernel_id, event, after_seq, at = item
+                    happened = (kernel_id, event, after_seq, iso(at))
+                    rows["kernel_event"].append((happened, ("kernel_event", None, kernel_id, item)))
                 else:
                     kernel_id, session_id, seq, at = item
                     delivery = (kernel_id, session_id, seq, iso(at))
@@ -465,6 +480,7 @@ class LogWriter(Tap):
 _STATEMENTS = (
     ("client", _INSERT_CLIENT), ("message", _INSERT_MESSAGE), ("buffer", _INSERT_BUFFER),
     ("client_left", _CLIENT_LEFT), ("delivery", _DELIVERED), ("notebook", _NOTEBOOK_SEEN),
+    ("kernel_event", _KERNEL_EVENT),
 )  # fmt: skip
 #: What the sqlite3 module raises for one row it cannot write (not for a database that
 #: cannot be written: that is an OperationalError or a DatabaseError, and the batch waits).
