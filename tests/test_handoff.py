@@ -5,8 +5,10 @@ jupyter-collaboration and ipykernel)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
+import sqlite3
 import uuid
 from pathlib import Path
 from typing import Any
@@ -458,19 +460,27 @@ async def test_server_side_executions_are_interrupted_from_the_toolbar_and_the_a
     running, kernel_id, name = handoff
     sleeping = {"code": "import time\ntime.sleep(60)", "metadata": {"cell_id": "other"}}
     async with aiohttp.ClientSession(headers=jupyter_server.headers()) as http:
+        started = 0
 
         async def until_running(location: str) -> None:
+            """Until the kernel runs the code (its execute_input is logged): an interrupt
+            before that could come while the kernel is not yet in the cell's code."""
+            nonlocal started
+            started += 1
             for _ in range(100):
-                async with http.get(location) as resp:
-                    if (await resp.json())["status"] == "running":
-                        return
+                with contextlib.closing(sqlite3.connect(running.db_path)) as log:
+                    (inputs,) = log.execute(
+                        "SELECT count(*) FROM messages WHERE msg_type = 'execute_input'"
+                        " AND json_extract(content, '$.code') = ?", (sleeping["code"],),
+                    ).fetchone()  # fmt: skip
+                if inputs == started:
+                    return
                 await asyncio.sleep(0.1)
             raise AssertionError("the execution never ran")
 
         # JupyterLab's toolbar: the kernels API, through the proxy
         location = await _queue_execution(http, running.url, kernel_id, sleeping)
         await until_running(location)
-        await asyncio.sleep(0.5)  # inside time.sleep
         async with http.post(running.url + f"api/kernels/{kernel_id}/interrupt") as resp:
             assert resp.status == 204
         status, result, _ = await _until_done(http, location)
@@ -481,7 +491,6 @@ async def test_server_side_executions_are_interrupted_from_the_toolbar_and_the_a
         location = await _queue_execution(http, running.url, kernel_id, sleeping)
         queued = await _queue_execution(http, running.url, kernel_id, {"code": "print('never')"})
         await until_running(location)
-        await asyncio.sleep(0.5)
         async with http.delete(queued) as resp:
             assert (await resp.json())["status"] == "cancelled"
         async with http.delete(location) as resp:

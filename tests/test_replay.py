@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import time
@@ -35,6 +36,16 @@ def lines_of(messages) -> list[str]:  # type: ignore[no-untyped-def]
     return stream_text([m for m in messages if m.channel == "iopub"]).split()
 
 
+def _logged_lines(proxy: RunningProxy, msg_id: str) -> int:
+    """How many stream messages of an execution the proxy has logged."""
+    with contextlib.closing(proxy.db()) as log:
+        (count,) = log.execute(
+            "SELECT count(*) FROM messages WHERE parent_msg_id = ? AND msg_type = 'stream'",
+            (msg_id,),
+        ).fetchone()
+    return count
+
+
 async def test_blip_reconnect_mid_cell_misses_nothing(
     proxy: RunningProxy, jupyter_server: JupyterServer, kernel_id: str
 ) -> None:
@@ -52,7 +63,8 @@ async def test_blip_reconnect_mid_cell_misses_nothing(
     await first.drain(quiet=0.1)
     first.blip()
     await first.http.close()
-    await asyncio.sleep(1.0)  # the cell goes on printing meanwhile
+    while _logged_lines(proxy, msg_id) < 4:  # the cell goes on printing meanwhile
+        await asyncio.sleep(0.05)
     second = await open_channels(proxy.url, kernel_id, jupyter_server.token, session_id=session)
     try:
         reply, _ = await second.collect(msg_id)
