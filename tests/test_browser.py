@@ -6,7 +6,9 @@ of a server-side execution is answered in the cell."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
+import sqlite3
 import uuid
 from pathlib import Path
 
@@ -64,11 +66,39 @@ async def _open(browser: Browser, url: str) -> Page:
 
 
 async def notebook_ready(page: Page) -> Page:
-    """Once the page shows the notebook and its kernel is ready (the toolbar's kernel status
-    shows it idle)."""
+    """Once the page shows the notebook, its kernel is ready (the toolbar's kernel status shows
+    it idle) and JupyterLab has restored its layout (its splash screen is gone: until then a
+    key pressed in a cell may go nowhere)."""
     await page.locator(".jp-Notebook .jp-Cell").first.wait_for()
     await page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for()
+    await page.locator("#jupyterlab-splash").wait_for(state="detached")
     return page
+
+
+def _requests_logged(log: Path) -> int:
+    with contextlib.closing(sqlite3.connect(log)) as conn:
+        (count,) = conn.execute(
+            "SELECT count(*) FROM messages"
+            " WHERE direction = 'to_kernel' AND msg_type = 'execute_request'"
+        ).fetchone()
+    return count
+
+
+async def run_first_cell(page: Page, log: Path) -> None:
+    """Shift+Enter in the first cell, until its execute_request reaches the proxy (its log at
+    `log` has one more). Just after a page looks ready (cells shown, kernel idle, splash gone)
+    the key press now and then goes nowhere: no request leaves the page (seen about once in 20
+    page loads; JupyterLab's cause not found). Pressed again only then: had the first press
+    sent a request after all, the cell would run twice and the test fail."""
+    before = _requests_logged(log)
+    for _ in range(3):
+        await page.locator(".jp-Cell").first.click()
+        await page.keyboard.press("Shift+Enter")
+        for _ in range(100):
+            if _requests_logged(log) > before:
+                return
+            await asyncio.sleep(0.1)
+    raise AssertionError("Shift+Enter sent no execute_request, three times")
 
 
 async def shows_every_line_and_the_count(page: Page) -> None:
@@ -129,8 +159,7 @@ async def test_jupyterlab_tab_closed_mid_run_then_reopened(
         server_side_execution=server_side,
     )  # fmt: skip
     first = await _open(browser, _lab_url(running.url, name, jupyter_server.token))
-    await first.locator(".jp-Cell").first.click()
-    await first.keyboard.press("Shift+Enter")
+    await run_first_cell(first, tmp_path / "log.sqlite")
     await _wait_for(first, "line 2")
     await first.context.close()  # the tab goes away while the cell prints on
 
@@ -155,8 +184,7 @@ async def test_two_tabs_show_every_line_once(
     one = await _open(browser, _lab_url(running.url, name, jupyter_server.token))
     two = await _open(browser, _lab_url(running.url, name, jupyter_server.token))
     try:
-        await one.locator(".jp-Cell").first.click()
-        await one.keyboard.press("Shift+Enter")
+        await run_first_cell(one, tmp_path / "log.sqlite")
         for page in (one, two):  # (the count follows every output the tab is sent)
             await shows_every_line_and_the_count(page)
     finally:
@@ -175,8 +203,7 @@ async def test_input_of_a_server_side_execution_is_answered_in_the_cell(
     )  # fmt: skip
     page = await _open(browser, _lab_url(running.url, name, jupyter_server.token))
     try:
-        await page.locator(".jp-Cell").first.click()
-        await page.keyboard.press("Shift+Enter")
+        await run_first_cell(page, tmp_path / "log.sqlite")
         answer = page.locator(".jp-Cell").first.locator(".jp-Stdin-input")
         await answer.fill("ada")
         await answer.press("Enter")

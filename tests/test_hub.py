@@ -32,6 +32,7 @@ from .test_browser import (
     _wait_for,
     browser,
     notebook_ready,
+    run_first_cell,
     saved_with_every_line,
     shows_every_line_and_the_count,
 )
@@ -74,8 +75,7 @@ async def test_a_tab_closed_mid_run_under_jupyterhub(hub: Hub, browser: Browser)
     context = await browser.new_context()
     try:
         first = await notebook_ready(await _login(context, hub, user, _workspace(user, name)))
-        await first.locator(".jp-Cell").first.click()
-        await first.keyboard.press("Shift+Enter")
+        await run_first_cell(first, _log_of(hub, user))
         await _wait_for(first, "line 2")
         await first.close()  # the tab goes away while the cell prints on
 
