@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import json
 import signal
-import sqlite3
 import uuid
 from pathlib import Path
 from typing import Any
@@ -468,7 +467,7 @@ async def test_server_side_executions_are_interrupted_from_the_toolbar_and_the_a
             nonlocal started
             started += 1
             for _ in range(100):
-                with contextlib.closing(sqlite3.connect(running.db_path)) as log:
+                with contextlib.closing(running.db()) as log:
                     (inputs,) = log.execute(
                         "SELECT count(*) FROM messages WHERE msg_type = 'execute_input'"
                         " AND json_extract(content, '$.code') = ?", (sleeping["code"],),
