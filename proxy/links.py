@@ -38,6 +38,7 @@ from .codecs import (
     decode_v1,
     message_from_parts,
 )
+from .handover import Handover
 from .lifecycle import SERVER_STATES, execution_state
 from .relay import Background
 from .spool import SpoolReader
@@ -49,6 +50,7 @@ log = logging.getLogger("jupyter_replay_proxy.links")
 _SERVER_STATES = tuple(json.dumps(state).encode() for state in SERVER_STATES)
 _STDIN_WAIT = 2.0  # seconds requests wait for the stdin socket once the kernel's iopub flows
 _JOIN_WAIT = 2.0  # seconds zmq output waits for the presence to hand over jupyter-server's buffer
+_RELEASE_QUIET = 1.0  # seconds the presence is let go after: unused, and jupyter-server quiet on it
 
 
 class LogProgress(Protocol):
@@ -124,16 +126,39 @@ class _Presence:
         self.session_id = session_id
         self.task: asyncio.Task[None] | None = None
         self._ending: set[asyncio.Task[None]] = set()  # let go, closing their websocket
+        self._letting_go: asyncio.TimerHandle | None = None
+        self._last_frame = 0.0  # loop time of the last frame jupyter-server sent it
         self.tried = asyncio.Event()  # set after the first connection attempt
 
     def start(self) -> None:
         self.task = asyncio.ensure_future(self._run())
 
     def hold(self, held: bool) -> None:
-        """Hold the websocket, or let it go (its task ends closing it)."""
-        if held and self.task is None:
-            self.start()
-        elif not held and self.task is not None:
+        """Hold the websocket, or let it go once jupyter-server has been quiet on it for
+        `_RELEASE_QUIET` (closed while it writes, jupyter-server logs tornado's traceback of
+        a write to a closed websocket; a tab reloaded meanwhile keeps it)."""
+        if held:
+            if self._letting_go is not None:
+                self._letting_go.cancel()
+                self._letting_go = None
+            if self.task is None:
+                self.start()
+        elif self.task is not None and self._letting_go is None:
+            self._letting_go = asyncio.get_running_loop().call_later(
+                _RELEASE_QUIET, self._let_go_when_quiet
+            )
+
+    def _let_go_when_quiet(self) -> None:
+        loop = asyncio.get_running_loop()
+        quiet_for = loop.time() - self._last_frame
+        if quiet_for < _RELEASE_QUIET:
+            self._letting_go = loop.call_later(_RELEASE_QUIET - quiet_for, self._let_go_when_quiet)
+            return
+        self._letting_go = None
+        self._let_go()
+
+    def _let_go(self) -> None:
+        if self.task is not None:
             task, self.task = self.task, None
             task.cancel()
             self._ending.add(task)
@@ -155,6 +180,7 @@ class _Presence:
                 backoff.succeeded()
                 async with ws:
                     async for frame in ws:
+                        self._last_frame = asyncio.get_running_loop().time()
                         if frame.type != aiohttp.WSMsgType.BINARY:
                             continue
                         if not self.link.joined.is_set():
@@ -178,7 +204,10 @@ class _Presence:
                 self.link.deliver(message)
 
     async def close(self) -> None:
-        self.hold(False)
+        if self._letting_go is not None:
+            self._letting_go.cancel()
+            self._letting_go = None
+        self._let_go()
         await asyncio.gather(*self._ending, return_exceptions=True)
 
 
@@ -189,7 +218,8 @@ class ZmqLink:
     room is awaited before more of it is relayed, so while the log falls behind the backlog
     waits on disk; the file is emptied only once all taken from it is committed to the log.
     On linking, what an earlier proxy's reader wrote and that proxy did not log is relayed
-    first (:meth:`_recover`), then what jupyter-server kept for the presence, then zmq.
+    first (:meth:`_recover`), then what jupyter-server kept for the presence, then zmq
+    (:mod:`proxy.handover` decides which).
     """
 
     kind = "zmq"
@@ -228,18 +258,11 @@ class ZmqLink:
         self._held: list[Message] = []  # client messages sent before iopub and stdin were ready
         self._ready = False
         self._nudges: set[str] = set()
-        self._last_relayed = 0  # seq of the last iopub message relayed from the spool
-        # Until `joined`, iopub from zmq waits in `_early`: first what an earlier proxy's reader
-        # wrote is relayed (`recovered`), then what jupyter-server buffered for the presence;
-        # once the presence reaches zmq's first message, zmq goes on. What was relayed in
-        # between (or is in the log already) is not relayed again: `_gap_filled`.
+        self._last_relayed = 0  # seq of the last message relayed through the handover (iopub)
+        # Taking the kernel over from an earlier proxy and jupyter-server's buffer
+        # (:mod:`proxy.handover`); `joined` once zmq goes on by itself.
+        self.handover = Handover()
         self.joined = asyncio.Event()
-        self.recovered = False
-        self._join_due = False
-        self._early: list[Message] = []
-        self._early_ids: set[str] = set()
-        self._gap_filled: set[str] = set()
-        self._presence_early: list[Message] = []  # what the presence relayed before recovery
         self.presence = _Presence(context.upstream, self, f"replay-proxy-{stable_id}")
         self._in_use = False  # held from the start for the gap fill; then only while in use
 
@@ -292,27 +315,18 @@ class ZmqLink:
         # What the log has of it is its first part (as many, at most); what jupyter-server
         # kept for the presence may reach back to its last release, logged since.
         logged = await self.context.recently_logged(self.kernel_id, len(left) + 10_000)
-        self._gap_filled |= logged
-        relayed = 0
+        leftovers = []
         for frames in left:
             channel = "iopub"
             if frames and frames[0].startswith(REPLY):  # caught by the reader for us
                 channel, frames = frames[0][len(REPLY) :].decode(), frames[1:]
             message = self._parse(channel, frames)
-            if message is not None and message.msg_id not in self._gap_filled:
-                self._gap_filled.add(message.msg_id)
-                self.deliver(message)
-                relayed += 1
-
+            if message is not None:
+                leftovers.append(message)
+        relayed = self._relay(self.handover.recover(logged, leftovers))
         if relayed:
             log.info("Kernel %s: %d messages relayed that the proxy before this one had not "
-                     "logged", self.kernel_id, relayed)  # fmt: skip
-        self.recovered = True
-        early, self._presence_early = self._presence_early, []
-        for message in early:
-            self.from_presence(message)
-        if self._join_due:
-            self._join()
+                     "logged (or jupyter-server kept)", self.kernel_id, relayed)  # fmt: skip
 
     async def _follow_stdin(self) -> None:
         """Keep `_stdin_connected` true exactly while the kernel can route to our stdin."""
@@ -367,7 +381,7 @@ class ZmqLink:
             await self.context.log.until_caught_up()
             batch = self.iopub.take()
             if not batch:
-                joined = self.joined.is_set()  # (before, what was taken waits in _early)
+                joined = self.joined.is_set()  # (before, what was taken waits in the handover)
                 if joined:
                     await self.context.log.until_durable(self._last_relayed)
                 await self.iopub.more(logged=joined)
@@ -399,51 +413,31 @@ class ZmqLink:
             return
         if channel == "iopub":
             self._iopub_flowing.set()
-            if not self.joined.is_set():
-                self._hold_early(message)
-                return
-            self.deliver(message)
-            self._last_relayed = message.seq
+            self._relay(self.handover.from_zmq(message))
+            if self.handover.waiting == 1:  # the first to wait: it waits for so long at most
+                asyncio.get_running_loop().call_later(_JOIN_WAIT, self._join)
             return
         if message.parent_msg_id in self._nudges:
             self._nudges.discard(message.parent_msg_id)
             return
         self.deliver(message)
 
-    def _hold_early(self, message: Message) -> None:
-        self._early.append(message)
-        self._early_ids.add(message.msg_id)
-        if len(self._early) == 1:
-            asyncio.get_running_loop().call_later(_JOIN_WAIT, self._join)
-
     def from_presence(self, message: Message) -> None:
-        """Gap fill: what jupyter-server buffered for the presence while the proxy was down
-        (after what an earlier proxy's reader wrote: that is older)."""
-        if self.joined.is_set():
-            return  # (zmq goes on from here: what jupyter-server sends on is all there)
-        if not self.recovered:
-            self._presence_early.append(message)
-        elif message.msg_id in self._early_ids:
-            self._join()  # the presence caught up with zmq: all before it has been relayed
-        elif message.msg_id not in self._gap_filled:
-            self._gap_filled.add(message.msg_id)
-            self.deliver(message)
+        """Gap fill: what jupyter-server kept for the presence while no proxy held it."""
+        self._relay(self.handover.from_presence(message))
 
     def _join(self) -> None:
-        if self.joined.is_set():
-            return
-        if not self.recovered:
-            self._join_due = True
-            return
-        self.joined.set()
-        self.presence.hold(self._in_use)
-        early, self._early, self._early_ids = self._early, [], set()
-        filled, self._gap_filled = self._gap_filled, set()
+        self._relay(self.handover.join())
 
-        for message in early:
-            if message.msg_id not in filled:
-                self.deliver(message)
-                self._last_relayed = message.seq
+    def _relay(self, messages: list[Message]) -> int:
+        """Deliver what the handover lets through; follow its join."""
+        for message in messages:
+            self.deliver(message)
+            self._last_relayed = message.seq
+        if self.handover.joined and not self.joined.is_set():
+            self.joined.set()
+            self.presence.hold(self._in_use)
+        return len(messages)
 
     def resync(self) -> None:
         """After a restart: hold client messages until the new kernel's iopub reaches us.
