@@ -21,7 +21,7 @@ from .codecs import Message
 
 
 class Handover:
-    """One link's takeover: each call returns what to relay now, in the kernel's order."""
+    """One link's takeover: each call says what to relay now, in the kernel's order."""
 
     def __init__(self) -> None:
         self.recovered = False  # the leftovers are relayed: the presence's may follow
@@ -52,17 +52,18 @@ class Handover:
             relay += self.join()
         return relay
 
-    def from_zmq(self, message: Message) -> list[Message]:
+    def from_zmq(self, message: Message) -> bool:
+        """Whether to relay it now (else it waits for the join, or was relayed before)."""
         if not self.joined:
             self._early.append(message)
             self._early_ids.add(message.msg_id)
-            return []
+            return False
         if self._ahead:
             if message.msg_id in self._ahead:
                 self._ahead.discard(message.msg_id)
-                return []
+                return False
             self._ahead.clear()  # zmq is past all that was relayed before it
-        return [message]
+        return True
 
     def from_presence(self, message: Message) -> list[Message]:
         if self.joined:

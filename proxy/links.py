@@ -53,6 +53,19 @@ _JOIN_WAIT = 2.0  # seconds zmq output waits for the presence to hand over jupyt
 _RELEASE_QUIET = 1.0  # seconds the presence is let go after: unused, and jupyter-server quiet on it
 
 
+async def _ask_until_flowing(
+    flowing: asyncio.Event, ask: Callable[[], None], timeout: float
+) -> None:
+    """Ask (a kernel_info_request) every 0.25 s until `flowing` is set, or `timeout` passed:
+    a new iopub subscription misses what the kernel publishes before it lands."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not flowing.is_set() and loop.time() < deadline:
+        ask()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(flowing.wait(), 0.25)
+
+
 class LogProgress(Protocol):
     """What a link asks the log: whether it keeps up, and whether a message is committed."""
 
@@ -138,15 +151,19 @@ class _Presence:
         `_RELEASE_QUIET` (closed while it writes, jupyter-server logs tornado's traceback of
         a write to a closed websocket; a tab reloaded meanwhile keeps it)."""
         if held:
-            if self._letting_go is not None:
-                self._letting_go.cancel()
-                self._letting_go = None
+            self._keep()
             if self.task is None:
                 self.start()
         elif self.task is not None and self._letting_go is None:
             self._letting_go = asyncio.get_running_loop().call_later(
                 _RELEASE_QUIET, self._let_go_when_quiet
             )
+
+    def _keep(self) -> None:
+        """Call off a let-go under way."""
+        if self._letting_go is not None:
+            self._letting_go.cancel()
+            self._letting_go = None
 
     def _let_go_when_quiet(self) -> None:
         loop = asyncio.get_running_loop()
@@ -166,6 +183,7 @@ class _Presence:
 
     async def _run(self) -> None:
         backoff = Backoff()
+        loop = asyncio.get_running_loop()
         while True:
             try:
                 ws = await self.upstream.channels_websocket(self.link.kernel_id, self.session_id)
@@ -180,7 +198,7 @@ class _Presence:
                 backoff.succeeded()
                 async with ws:
                     async for frame in ws:
-                        self._last_frame = asyncio.get_running_loop().time()
+                        self._last_frame = loop.time()
                         if frame.type != aiohttp.WSMsgType.BINARY:
                             continue
                         if not self.link.joined.is_set():
@@ -204,9 +222,7 @@ class _Presence:
                 self.link.deliver(message)
 
     async def close(self) -> None:
-        if self._letting_go is not None:
-            self._letting_go.cancel()
-            self._letting_go = None
+        self._keep()
         self._let_go()
         await asyncio.gather(*self._ending, return_exceptions=True)
 
@@ -343,14 +359,13 @@ class ZmqLink:
     async def _nudge(self, timeout: float = 30.0) -> None:
         """Ask for kernel_info until iopub flows (a SUB socket misses what precedes its join),
         and hold client messages until stdin is connected too (at most `_STDIN_WAIT` more)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not self._iopub_flowing.is_set() and loop.time() < deadline:
+
+        def ask() -> None:
             request = self.session.msg("kernel_info_request")
             self._nudges.add(request["header"]["msg_id"])
             self._send("shell", self.session.serialize(request))
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._iopub_flowing.wait(), 0.25)
+
+        await _ask_until_flowing(self._iopub_flowing, ask, timeout)
         if not self._iopub_flowing.is_set():
             log.warning("Kernel %s: no iopub message after %.0f s", self.kernel_id, timeout)
             self._iopub_flowing.set()
@@ -413,8 +428,10 @@ class ZmqLink:
             return
         if channel == "iopub":
             self._iopub_flowing.set()
-            self._relay(self.handover.from_zmq(message))
-            if self.handover.waiting == 1:  # the first to wait: it waits for so long at most
+            if self.handover.from_zmq(message):
+                self.deliver(message)
+                self._last_relayed = message.seq
+            elif self.handover.waiting == 1:  # the first to wait: it waits for so long at most
                 asyncio.get_running_loop().call_later(_JOIN_WAIT, self._join)
             return
         if message.parent_msg_id in self._nudges:
@@ -632,9 +649,8 @@ class WebsocketLink:
         """Ask for kernel_info until iopub of one of the requests comes, then send what was
         held (after `timeout` anyway)."""
         session = Session(key=b"unused: jupyter-server signs", username="replay-proxy")
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not self._iopub_flowing.is_set() and loop.time() < deadline:
+
+        def ask() -> None:
             msg = session.msg("kernel_info_request")
             parts = [
                 session.pack(msg[k]) for k in ("header", "parent_header", "metadata", "content")
@@ -646,8 +662,8 @@ class WebsocketLink:
                 )
             )
             self._wakeup.set()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._iopub_flowing.wait(), 0.25)
+
+        await _ask_until_flowing(self._iopub_flowing, ask, timeout)
         held, self._held = self._held or [], None
         for message in held:
             self.send(message)

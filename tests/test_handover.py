@@ -27,6 +27,12 @@ def iopub(index: int) -> Message:
     return message_from_parts("iopub", parts, allowed_channels=KERNEL_CHANNELS, validate_body=False)
 
 
+def zmq_brings(handover: Handover, index: int) -> list[Message]:
+    """What the link relays of it at once."""
+    message = iopub(index)
+    return [message] if handover.from_zmq(message) else []
+
+
 def indices(messages: list[Message]) -> list[int]:
     return [int(message.msg_id[1:]) for message in messages]
 
@@ -34,11 +40,11 @@ def indices(messages: list[Message]) -> list[int]:
 def test_the_presence_catching_up_with_zmq_joins() -> None:
     handover = Handover()
     assert handover.recover(set(), []) == []
-    assert handover.from_zmq(iopub(3)) == [] and handover.waiting == 1
+    assert zmq_brings(handover, 3) == [] and handover.waiting == 1
     relayed = [m for i in range(4) for m in handover.from_presence(iopub(i))]
     assert handover.joined
     assert indices(relayed) == [0, 1, 2, 3]  # the buffer, then zmq's first
-    assert indices(handover.from_zmq(iopub(4))) == [4]
+    assert indices(zmq_brings(handover, 4)) == [4]
     assert handover.from_presence(iopub(4)) == []
 
 
@@ -48,10 +54,10 @@ def test_the_presence_ahead_of_zmq_when_the_wait_ends() -> None:
     handover = Handover()
     handover.recover(set(), [])
     relayed = [m for i in (0, 1, 2) for m in handover.from_presence(iopub(i))]
-    assert handover.from_zmq(iopub(0)) == []
+    assert zmq_brings(handover, 0) == []
     relayed += handover.join()
     assert handover.joined
-    relayed += [m for i in (1, 2, 3, 4) for m in handover.from_zmq(iopub(i))]
+    relayed += [m for i in (1, 2, 3, 4) for m in zmq_brings(handover, i)]
     assert indices(relayed) == [0, 1, 2, 3, 4]
 
 
@@ -103,7 +109,7 @@ def test_any_takeover_relays_each_message_once_in_order(
             relayed.extend(handover.from_presence(iopub(index)))
         elif event == "zmq" and (index := next(zmq, None)) is not None:
             from_zmq.append(index)
-            relayed.extend(handover.from_zmq(iopub(index)))
+            relayed.extend(zmq_brings(handover, index))
         elif event == "recover" and not recovered:
             recovered = True
             recover()
